@@ -1,0 +1,73 @@
+"""Batch collation for training: right padding, attention mask, Gemma turn labels."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from persian_qlora.masking import IGNORE_INDEX, GemmaTurnMarkers, model_turn_labels
+
+__all__ = ["GemmaChatCollator"]
+
+
+class GemmaChatCollator:
+    """Pad tokenized Gemma conversations into a training batch.
+
+    Each feature needs ``input_ids``; its ``labels`` are used when present (as :class:`PersianChatDataset` gives
+    them) and computed from the Gemma turn markers otherwise. Padding is always on the right, whatever the
+    tokenizer's ``padding_side`` (that one is for generation). Padded positions get label -100 and attention 0.
+
+    ``return_token_type_ids`` adds zeros, which ``Gemma3ForConditionalGeneration`` requires when training
+    (text tokens are type 0); :meth:`for_model` sets it from the model's ``forward`` signature.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        pad_to_multiple_of: int | None = None,
+        return_token_type_ids: bool = False,
+    ) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; Gemma tokenizers use '<pad>' (id 0)")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
+        self.markers = GemmaTurnMarkers.from_tokenizer(tokenizer)
+        self.pad_token_id: int = tokenizer.pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_token_type_ids = return_token_type_ids
+
+    @classmethod
+    def for_model(cls, tokenizer, model, **kwargs: Any) -> GemmaChatCollator:
+        """A collator that adds ``token_type_ids`` exactly when ``model.forward`` takes them."""
+        accepts = "token_type_ids" in inspect.signature(model.forward).parameters
+        return cls(tokenizer, return_token_type_ids=accepts, **kwargs)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        rows = [list(f["input_ids"]) for f in features]
+        labels = [
+            list(f["labels"]) if f.get("labels") is not None else model_turn_labels(ids, self.markers)
+            for f, ids in zip(features, rows)
+        ]
+        width = max(len(ids) for ids in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        batch_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        batch_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, row_labels) in enumerate(zip(rows, labels)):
+            if len(row_labels) != len(ids):
+                raise ValueError(f"feature {i}: {len(row_labels)} labels for {len(ids)} input_ids")
+            batch_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            batch_labels[i, : len(ids)] = torch.tensor(row_labels, dtype=torch.long)
+            attention[i, : len(ids)] = 1
+        batch = {"input_ids": batch_ids, "attention_mask": attention, "labels": batch_labels}
+        if self.return_token_type_ids:
+            batch["token_type_ids"] = torch.zeros_like(batch_ids)
+        return batch

@@ -1,0 +1,29 @@
+"""The library's exceptions: one base class, subclasses that carry the facts a user needs to find the problem."""
+
+from __future__ import annotations
+
+__all__ = ["InvalidRecordError", "PersianQLoRAError", "TemplateError"]
+
+
+class PersianQLoRAError(Exception):
+    """Base class of every error persian-qlora raises on purpose."""
+
+
+class TemplateError(PersianQLoRAError):
+    """The tokenizer's chat template is missing or is not Gemma's turn format."""
+
+
+class InvalidRecordError(PersianQLoRAError, ValueError):
+    """A conversation record is malformed. ``where`` names the file and line (or record index) it came from.
+
+    ``reason`` is a short, stable label (e.g. ``"unknown role"``) used to count skipped records; ``message_index``
+    is the 0-based position of the offending message, when one message is at fault.
+    """
+
+    def __init__(self, where: str, reason: str, detail: str, message_index: int | None = None) -> None:
+        self.where = where
+        self.reason = reason
+        self.detail = detail
+        self.message_index = message_index
+        place = where if message_index is None else f"{where}, message {message_index}"
+        super().__init__(f"{place}: {detail}")

@@ -1,0 +1,37 @@
+"""Pytest fixtures with tiny random Gemma models, for persian-qlora's tests and for downstream projects.
+
+Enable them in a ``conftest.py`` with ``pytest_plugins = ["persian_qlora.pytest_plugin"]``. Every fixture is
+session-scoped and built offline in seconds under pytest's temporary directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A Gemma-style tokenizer (Gemma special tokens, byte fallback, Gemma 3 chat template)."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random ``Gemma3ForCausalLM`` with its tokenizer."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3n_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random ``Gemma3nForCausalLM`` with its tokenizer."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma3n"), "gemma3n")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_vision_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random multimodal ``Gemma3ForConditionalGeneration`` (SigLIP vision tower)."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma3-vision"), "gemma3-vision")

@@ -1,0 +1,199 @@
+"""Tiny random Gemma models and a Gemma-style tokenizer, built offline in seconds.
+
+Downstream projects use these for their own tests: ``build_tiny_gemma(path)`` writes a directory that
+``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load with no hub. The pytest
+fixtures live in :mod:`persian_qlora.pytest_plugin`.
+
+Dimensions are multiples of 64 because bitsandbytes' CPU 4-bit kernel asserts on smaller inner dimensions in
+no-grad mode, so the same tiny models serve QLoRA tests too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "GEMMA_SPECIAL_TOKENS",
+    "TinyArch",
+    "build_tiny_gemma",
+    "build_tiny_tokenizer",
+    "gemma3_chat_template",
+]
+
+TinyArch = Literal["gemma3", "gemma3n", "gemma3-vision"]
+
+# Gemma's control tokens, in the order of their ids in our tiny vocabulary (ids differ from the real one's,
+# which is why nothing in the library hard-codes ids: it looks them up by name).
+GEMMA_SPECIAL_TOKENS = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+_BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+
+
+def gemma3_chat_template() -> str:
+    """The exact chat template that Google ships with Gemma 3 (and Gemma 3n) instruction-tuned tokenizers."""
+    return resources.files("persian_qlora").joinpath("data", "gemma3_chat_template.jinja").read_text(encoding="utf-8")
+
+
+def _training_texts() -> Iterable[str]:
+    from persian_qlora.dataset import bundled_corpus_path
+
+    for split in ("train", "test"):
+        for line in bundled_corpus_path(split).read_text(encoding="utf-8").splitlines():
+            for message in json.loads(line)["messages"]:
+                yield message["content"]
+    # A little English and code so that English text does not fall back to bytes at every letter.
+    yield "The quick brown fox jumps over the lazy dog. Python, Git, SQL, HTTP and JSON are everyday tools."
+    yield "def main():\n    print('hello world')\n    return 0\n"
+
+
+def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = None):
+    """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus.
+
+    The result is a real ``GemmaTokenizer`` (the same normaliser, byte fallback and decoder as Gemma's), carrying
+    Gemma's special tokens and its exact chat template, so any Persian or English text round-trips without
+    ``<unk>``. Training is deterministic and takes about a second.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    reserved = len(GEMMA_SPECIAL_TOKENS) + len(_BYTE_TOKENS)
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size must exceed {reserved}: the special and byte tokens take that many")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # Train on Gemma-style pieces (a word with its leading "▁", newline runs alone) so no merge crosses a word or
+    # line boundary; GemmaTokenizer then applies the merges to whole segments, as SentencePiece does for Gemma.
+    bpe.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n+|▁?[^▁\n]+|▁+"), behavior="isolated")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False, min_frequency=2)
+    bpe.train_from_iterator((text.replace(" ", "▁") for text in _training_texts()), trainer)
+    learned = json.loads(bpe.to_str())["model"]
+
+    vocab = {token: i for i, token in enumerate(GEMMA_SPECIAL_TOKENS + _BYTE_TOKENS)}
+    for token in sorted(learned["vocab"], key=learned["vocab"].__getitem__):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+
+    tokenizer = GemmaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        extra_special_tokens=list(GEMMA_SPECIAL_TOKENS[5:]),
+        chat_template=gemma3_chat_template(),
+        model_max_length=8192,
+    )
+    if save_dir is not None:
+        tokenizer.save_pretrained(save_dir)
+    return tokenizer
+
+
+def _tiny_text_config(arch: TinyArch, vocab_size: int, tokenizer) -> object:
+    from transformers import Gemma3nTextConfig, Gemma3TextConfig
+
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
+    }
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=8192,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=64,
+        **ids,
+    )
+    if arch == "gemma3n":
+        return Gemma3nTextConfig(
+            vocab_size_per_layer_input=vocab_size,
+            hidden_size_per_layer_input=64,
+            altup_num_inputs=2,
+            laurel_rank=64,
+            num_kv_shared_layers=0,
+            activation_sparsity_pattern=[0.0, 0.0],
+            **common,
+        )
+    return Gemma3TextConfig(query_pre_attn_scalar=32, **common)
+
+
+def _tiny_config(arch: TinyArch, vocab_size: int, tokenizer):
+    text_config = _tiny_text_config(arch, vocab_size, tokenizer)
+    if arch != "gemma3-vision":
+        return text_config
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision_config = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    return Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+    )
+
+
+def build_tiny_gemma(
+    save_dir: str | Path,
+    arch: TinyArch = "gemma3",
+    *,
+    seed: int = 0,
+    vocab_size: int = 2048,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a tiny random Gemma (model, tokenizer, generation config) to ``save_dir`` and return the path.
+
+    ``arch`` picks ``Gemma3ForCausalLM`` ("gemma3"), ``Gemma3nForCausalLM`` ("gemma3n") or the multimodal
+    ``Gemma3ForConditionalGeneration`` with a small SigLIP vision tower ("gemma3-vision"). Weights depend only on
+    ``seed``; the generation config stops on both ``<eos>`` and ``<end_of_turn>``, as Gemma's does.
+    """
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
+        Gemma3nForCausalLM,
+        GenerationConfig,
+    )
+
+    model_class = {
+        "gemma3": Gemma3ForCausalLM,
+        "gemma3n": Gemma3nForCausalLM,
+        "gemma3-vision": Gemma3ForConditionalGeneration,
+    }.get(arch)
+    if model_class is None:
+        raise ValueError(f"unknown tiny Gemma arch {arch!r}; choose one of 'gemma3', 'gemma3n', 'gemma3-vision'")
+    save_dir = Path(save_dir)
+    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
+    config = _tiny_config(arch, len(tokenizer), tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config).to(dtype)
+    eos = config.get_text_config().eos_token_id
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(save_dir)
+    tokenizer.save_pretrained(save_dir)
+    return save_dir
