@@ -1,7 +1,7 @@
 """Load Persian chat data, tokenize it with Gemma turn masking, and collate a training batch.
 
-    python examples/prepare_data.py                          # bundled corpus, offline tiny tokenizer
-    python examples/prepare_data.py --tokenizer google/gemma-3-1b-it --data mshojaei77/persian-gk
+python examples/prepare_data.py                          # bundled corpus, offline tiny tokenizer
+python examples/prepare_data.py --tokenizer google/gemma-3-1b-it --data mshojaei77/persian-gk
 """
 
 import argparse

@@ -86,5 +86,5 @@ def test_batch_loss_matches_per_example_loss(tiny_gemma3_path, dataset):
             single = collator([item])
             losses.append(model(**single).loss)
             counts.append((single["labels"][:, 1:] != IGNORE_INDEX).sum())
-    expected = sum(loss * n for loss, n in zip(losses, counts)) / sum(counts)
+    expected = sum(loss * n for loss, n in zip(losses, counts, strict=True)) / sum(counts)
     torch.testing.assert_close(batch_loss, expected, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,9 @@ def test_loads_every_local_source_the_same(tiny_tokenizer, tmp_path):
 
 def test_sharegpt_records_are_accepted(tiny_tokenizer):
     sharegpt = {"conversations": [{"from": "human", "value": "سلام"}, {"from": "gpt", "value": "درود!"}]}
-    assert PersianChatDataset([sharegpt], tiny_tokenizer).input_ids == PersianChatDataset([GOOD], tiny_tokenizer).input_ids
+    assert (
+        PersianChatDataset([sharegpt], tiny_tokenizer).input_ids == PersianChatDataset([GOOD], tiny_tokenizer).input_ids
+    )
 
 
 def test_bundled_corpus_has_fixed_splits(tiny_tokenizer):
@@ -196,7 +198,12 @@ def test_trailing_user_turn_and_conversations_without_model_turns(tiny_tokenizer
 
 
 def test_duplicates_differing_only_in_zwnj_or_arabic_yeh_are_dropped(tiny_tokenizer):
-    a = {"messages": [{"role": "user", "content": "کتاب\u200cها را می\u200cخواهی؟"}, {"role": "assistant", "content": "بله"}]}
+    a = {
+        "messages": [
+            {"role": "user", "content": "کتاب\u200cها را می\u200cخواهی؟"},
+            {"role": "assistant", "content": "بله"},
+        ]
+    }
     b = {"messages": [{"role": "user", "content": "كتاب ها را مي خواهي؟"}, {"role": "assistant", "content": "بله"}]}
     dataset = PersianChatDataset([a, b], tiny_tokenizer)
     assert len(dataset) == 1 and dataset.stats.dropped == {"duplicate": 1}

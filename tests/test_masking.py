@@ -56,7 +56,7 @@ def test_trained_tokens_are_exactly_the_model_turns(tokenizer, texts, system, n_
     expected = [m["content"] + "<end_of_turn>" for m in dataset.conversations[0] if m["role"] == "assistant"]
     assert [tokenizer.decode(span) for span in _trained_spans(item["labels"])] == expected
     # Labels equal the input ids wherever they are trained (the model's forward does the shift).
-    assert all(label in (IGNORE_INDEX, token) for label, token in zip(item["labels"], item["input_ids"]))
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(item["labels"], item["input_ids"], strict=True))
 
 
 def test_trailing_newline_after_end_of_turn_is_not_trained(tiny_tokenizer):

@@ -49,3 +49,19 @@ def test_code_indentation_survives():
 def test_normalize_is_idempotent(text):
     once = normalize_persian(text)
     assert normalize_persian(once) == once
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "git add . یعنی همه را اضافه کن",  # English-side spacing is not Persian's to fix
+        "x = 1  # مقدار اولیه",  # aligned code comment
+        "```python\nif x  :\n    y = 'ي'\n```",  # fenced code keeps everything, even Arabic yeh
+        "رمزی مثل `123  456` ضعیف است",  # inline code
+        "فاصلهٔ کامل، یعنی «می خواهم»، مناسب نیست.",  # a cited spelling keeps its space
+        "معمولاً و دقیقاً",  # the fatha tanwin of adverbs is standard spelling
+        "خانهٔ ما",  # hamza above
+    ],
+)
+def test_text_that_must_not_change(text):
+    assert normalize_persian(text) == text

@@ -105,9 +105,9 @@ def test_tiny_weights_depend_only_on_seed(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(build_tiny_gemma(tmp_path / "a", seed=1))
     b = AutoModelForCausalLM.from_pretrained(build_tiny_gemma(tmp_path / "b", seed=1))
     c = AutoModelForCausalLM.from_pretrained(build_tiny_gemma(tmp_path / "c", seed=2))
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
-    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_unknown_arch_is_refused(tmp_path):

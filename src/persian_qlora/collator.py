@@ -52,7 +52,7 @@ class GemmaChatCollator:
         rows = [list(f["input_ids"]) for f in features]
         labels = [
             list(f["labels"]) if f.get("labels") is not None else model_turn_labels(ids, self.markers)
-            for f, ids in zip(features, rows)
+            for f, ids in zip(features, rows, strict=True)
         ]
         width = max(len(ids) for ids in rows)
         if self.pad_to_multiple_of:
@@ -61,7 +61,7 @@ class GemmaChatCollator:
         batch_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         batch_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, row_labels) in enumerate(zip(rows, labels)):
+        for i, (ids, row_labels) in enumerate(zip(rows, labels, strict=True)):
             if len(row_labels) != len(ids):
                 raise ValueError(f"feature {i}: {len(row_labels)} labels for {len(ids)} input_ids")
             batch_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)

@@ -24,7 +24,7 @@ import torch
 
 from persian_qlora.errors import InvalidRecordError, PersianQLoRAError
 from persian_qlora.masking import IGNORE_INDEX, GemmaTurnMarkers, model_turn_labels
-from persian_qlora.normalize import NormalizerConfig, normalize_persian
+from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig, normalize_persian
 
 __all__ = [
     "Conversation",
@@ -131,11 +131,14 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield where, InvalidRecordError(
+                yield (
                     where,
-                    "not UTF-8",
-                    f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not valid UTF-8; "
-                    "re-save the file as UTF-8",
+                    InvalidRecordError(
+                        where,
+                        "not UTF-8",
+                        f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not valid UTF-8; "
+                        "re-save the file as UTF-8",
+                    ),
                 )
                 continue
             text = text.lstrip("\ufeff") if number == 1 else text
@@ -144,8 +147,13 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as err:
-                yield where, InvalidRecordError(
-                    where, "broken JSON", f"is not valid JSON ({err.msg} at column {err.colno}); fix or remove the line"
+                yield (
+                    where,
+                    InvalidRecordError(
+                        where,
+                        "broken JSON",
+                        f"is not valid JSON ({err.msg} at column {err.colno}); fix or remove the line",
+                    ),
                 )
 
 
@@ -233,8 +241,7 @@ def _role_of(message: Mapping[str, Any], where: str, index: int) -> str:
         raise InvalidRecordError(
             where,
             "unknown role",
-            f"has unknown role {raw!r}; use 'system', 'user' or 'assistant' "
-            f"(aliases: human, model, gpt, bot){hint}",
+            f"has unknown role {raw!r}; use 'system', 'user' or 'assistant' (aliases: human, model, gpt, bot){hint}",
             index,
         )
     return role
@@ -259,8 +266,7 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
         raise InvalidRecordError(
             where,
             "content not text",
-            f"content is {type(content).__name__}"
-            f"{'' if content is None else f' ({content!r})'}, expected a string",
+            f"content is {type(content).__name__}{'' if content is None else f' ({content!r})'}, expected a string",
             index,
         )
     for token in _CONTROL_TOKENS:
@@ -279,7 +285,7 @@ def clean_conversation(
     record: Any,
     *,
     where: str = "record",
-    normalizer: NormalizerConfig | None = NormalizerConfig(),
+    normalizer: NormalizerConfig | None = DEFAULT_NORMALIZER,
     system_policy: Literal["fold", "error"] = "fold",
     same_role_policy: Literal["merge", "error"] = "merge",
     counts: CleaningCounts | None = None,
@@ -447,7 +453,7 @@ class PersianChatDataset(torch.utils.data.Dataset):
         *,
         split: str = "train",
         max_length: int = 4000,
-        normalize: NormalizerConfig | None = NormalizerConfig(),
+        normalize: NormalizerConfig | None = DEFAULT_NORMALIZER,
         on_error: OnError = "raise",
         system_policy: Literal["fold", "error"] = "fold",
         same_role_policy: Literal["merge", "error"] = "merge",
@@ -508,7 +514,7 @@ class PersianChatDataset(torch.utils.data.Dataset):
         self.input_ids: list[list[int]] = []
         self.labels: list[list[int]] = []
         truncated = 0
-        for conversation, ids in zip(conversations, self._tokenize(conversations)):
+        for conversation, ids in zip(conversations, self._tokenize(conversations), strict=True):
             if len(ids) > max_length:
                 ids = ids[:max_length]
                 truncated += 1

@@ -13,7 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["NormalizerConfig", "normalize_persian"]
+__all__ = ["DEFAULT_NORMALIZER", "NormalizerConfig", "normalize_persian"]
 
 ZWNJ = "\u200c"
 
@@ -30,8 +30,9 @@ _CHARACTER_MAP = str.maketrans(
         "\u202f": ZWNJ,  # narrow no-break space, used by some keyboards for the half-space
     }
 )
-# Harakat and other Arabic diacritics: fatha, damma, kasra, tanwin, shadda, sukun, superscript alef.
-_DIACRITICS = re.compile("[\u064b-\u0652\u0670]")
+# Harakat: damma/kasra tanwin, fatha, damma, kasra, shadda, sukun, superscript alef. The fatha tanwin (U+064B) is
+# kept: standard Persian spelling writes it in adverbs such as معمولاً and دقیقاً.
+_DIACRITICS = re.compile("[\u064c-\u0652\u0670]")
 # Arabic presentation forms (e.g. the ligature ﻻ) decompose to plain letters under NFKC; we apply NFKC to these
 # ranges only, because NFKC on the whole text would also rewrite digits and punctuation.
 _PRESENTATION_FORMS = re.compile("[\ufb50-\ufdff\ufe70-\ufefe]+")
@@ -41,18 +42,25 @@ _DIGITS = {
     "latin": str.maketrans("۰۱۲۳۴۵۶۷۸۹٠١٢٣٤٥٦٧٨٩", "0123456789" * 2),
 }
 
-# Runs of spaces inside a line; leading indentation is kept, since replies may hold code.
-_SPACE_RUNS = re.compile(r"(?<=\S)[ \t]{2,}")
+# Code (fenced blocks and inline spans) is never touched: its spacing and characters are meaningful.
+_CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
+# A quoted span is often a word cited as written («می خواهم» in a spelling lesson): no ZWNJ is inserted there.
+_QUOTED = re.compile(r"(«[^«»\n]*»)")
+_ARABIC_SCRIPT = "\u0600-\u06ff"
+
 _ZWNJ_RUNS = re.compile(ZWNJ + "{2,}")
 # A ZWNJ next to a space, or at the edge of a word, joins nothing.
 _STRAY_ZWNJ = re.compile(rf"(?<!\S){ZWNJ}|{ZWNJ}(?!\S)")
-_SPACE_BEFORE_PUNCT = re.compile(r"(?<=\S)[ \t]+([،؛؟!»]|[.:](?!\S))")
+# Spacing rules fire only next to Persian text, so English and code-like prose ("git add .") keep their spacing.
+_SPACE_RUNS = re.compile(rf"(?<=[{_ARABIC_SCRIPT}])[ \t]{{2,}}|(?<=\S)[ \t]{{2,}}(?=[{_ARABIC_SCRIPT}])")
+_SPACE_BEFORE_PUNCT = re.compile(rf"(?<=\S)[ \t]+([،؛؟»])|(?<=[{_ARABIC_SCRIPT}])[ \t]+([.!:])(?!\S)")
 _SPACE_AFTER_OPENER = re.compile(r"«[ \t]+")
+_TRAILING_SPACE = re.compile(r"[ \t]+(?=\n)")
 # The verbal prefixes می/نمی written apart from their verb, and plural/superlative suffixes written apart from
 # their noun or adjective, take a ZWNJ in standard orthography (می خواهم -> می‌خواهم, کتاب ها -> کتاب‌ها).
 _PERSIAN_LETTER = "[\u0621-\u063a\u0641-\u064a\u067e\u0686\u0698\u06a9\u06af\u06cc\u0622\u0626]"
-_PREFIX_APART = re.compile(rf"(?<![^\s«(]){'(ن?می)'}[ ]+(?={_PERSIAN_LETTER})")
-_SUFFIX_APART = re.compile(rf"(?<={_PERSIAN_LETTER})[ ]+(ها|های|هایی|هایم|هایت|هایش|ترین|تری)(?=[\s.،؛؟!:»)]|$)")
+_PREFIX_APART = re.compile(rf"(?<![^\s(])(ن?می)[ ]+(?={_PERSIAN_LETTER})")
+_SUFFIX_APART = re.compile(rf"(?<={_PERSIAN_LETTER})[ ]+(ها|های|هایی|هایم|هایت|هایش|ترین|تری)(?=[\s.،؛؟!:)]|$)")
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,23 @@ class NormalizerConfig:
     digits: Literal["fa", "latin"] | None = None
 
 
-def normalize_persian(text: str, config: NormalizerConfig = NormalizerConfig()) -> str:
-    """Return ``text`` in standard Persian orthography. Idempotent: normalising twice changes nothing more."""
+DEFAULT_NORMALIZER = NormalizerConfig()
+
+
+def normalize_persian(text: str, config: NormalizerConfig = DEFAULT_NORMALIZER) -> str:
+    """Return ``text`` in standard Persian orthography, leaving code spans as they are.
+
+    Idempotent: normalising twice changes nothing more.
+    """
+    pieces = _CODE.split(text)
+    codes = _CODE.findall(text)
+    out = [_normalize_prose(pieces[0], config)]
+    for code, prose in zip(codes, pieces[1:], strict=True):
+        out += [code, _normalize_prose(prose, config)]
+    return "".join(out)
+
+
+def _normalize_prose(text: str, config: NormalizerConfig) -> str:
     if config.characters:
         text = _PRESENTATION_FORMS.sub(lambda m: unicodedata.normalize("NFKC", m.group()), text)
         text = text.translate(_CHARACTER_MAP)
@@ -78,9 +101,12 @@ def normalize_persian(text: str, config: NormalizerConfig = NormalizerConfig()) 
         text = _ZWNJ_RUNS.sub(ZWNJ, text)
         text = _STRAY_ZWNJ.sub("", text)
         text = _SPACE_RUNS.sub(" ", text)
-        text = _PREFIX_APART.sub(rf"\1{ZWNJ}", text)
-        text = _SUFFIX_APART.sub(rf"{ZWNJ}\1", text)
-        text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+        # Odd pieces of the split are the quoted spans, left without ZWNJ insertion.
+        text = "".join(
+            piece if i % 2 else _SUFFIX_APART.sub(rf"{ZWNJ}\1", _PREFIX_APART.sub(rf"\1{ZWNJ}", piece))
+            for i, piece in enumerate(_QUOTED.split(text))
+        )
+        text = _SPACE_BEFORE_PUNCT.sub(lambda m: m.group(1) or m.group(2), text)
         text = _SPACE_AFTER_OPENER.sub("«", text)
-        text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
+        text = _TRAILING_SPACE.sub("", text)
     return text
