@@ -1,0 +1,209 @@
+"""Training: the reference recipe as a typed config, the trainer factory, and a run-metrics callback.
+
+We use transformers' ``Trainer`` rather than TRL's ``SFTTrainer``: our dataset is already tokenized with Gemma turn
+labels and our collator pads it, so SFTTrainer's own dataset preparation (and its chat-template swap for
+``assistant_only_loss``) would only re-do, differently, what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from persian_qlora.collator import GemmaChatCollator
+from persian_qlora.masking import IGNORE_INDEX
+
+__all__ = ["RunMetricsCallback", "TrainConfig", "make_trainer", "write_training_charts"]
+
+logger = logging.getLogger("persian_qlora")
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters; the defaults are the reference recipe.
+
+    ``extra`` takes any other ``transformers.TrainingArguments`` field (e.g. ``{"bf16": True}``); it wins over the
+    fields here. ``max_length`` is applied by the dataset, not the trainer.
+    """
+
+    output_dir: str = "runs/persian-qlora"
+    learning_rate: float = 2e-5
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 3407
+    max_length: int = 4000
+    optim: str = "adamw_bnb_8bit"
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def training_arguments(self) -> TrainingArguments:
+        known = {f.name for f in fields(TrainingArguments)}
+        unknown = sorted(set(self.extra) - known)
+        if unknown:
+            raise ValueError(f"not TrainingArguments fields: {unknown}")
+        values = {k: v for k, v in asdict(self).items() if k not in ("extra", "max_length")}
+        values.update(
+            save_strategy="steps",
+            report_to="none",
+            label_names=["labels"],  # a PeftModel hides the forward signature Trainer would read them from
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        values.update(self.extra)
+        return TrainingArguments(**values)
+
+
+class RunMetricsCallback(TrainerCallback, ExportableState):
+    """Records wall time, peak memory and trained tokens/s, and writes ``metrics.json`` and charts at the end.
+
+    Peak memory is CUDA's ``max_memory_allocated``/``max_memory_reserved`` (reset when training starts) on a GPU,
+    and the process's peak resident set size on CPU (``ru_maxrss``: the whole process since it started, loading
+    included). Trained tokens are label tokens that carry loss; the counts survive a resume from checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.trained_tokens = 0
+        self.train_seconds = 0.0
+        self._started = 0.0
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"trained_tokens": self.trained_tokens, "train_seconds": self.train_seconds}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if state.global_step > 0 and isinstance(saved, dict):  # resumed: continue the totals
+            for name, value in saved.get("attributes", {}).items():
+                setattr(self, name, value)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._checkpoint_time()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._checkpoint_time()
+        if state.is_world_process_zero:
+            output = Path(args.output_dir)
+            output.mkdir(parents=True, exist_ok=True)
+            (output / METRICS_FILE).write_text(json.dumps(self.summary(state), indent=2), encoding="utf-8")
+            write_training_charts(state.log_history, output)
+
+    def _checkpoint_time(self) -> None:
+        now = time.perf_counter()
+        self.train_seconds += now - self._started
+        self._started = now
+
+    def summary(self, state) -> dict[str, Any]:
+        memory: dict[str, Any]
+        if torch.cuda.is_available():
+            memory = {
+                "device": torch.cuda.get_device_name(),
+                "cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "cuda_max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+            }
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+            memory = {
+                "device": "cpu",
+                "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30,
+                "cpu_peak_rss_note": "peak resident memory of the whole process since it started",
+            }
+        steps = [
+            {k: entry[k] for k in ("step", "loss", "grad_norm", "learning_rate") if k in entry}
+            for entry in state.log_history
+            if "loss" in entry
+        ]
+        return {
+            "global_step": state.global_step,
+            "train_seconds": self.train_seconds,
+            "trained_tokens": self.trained_tokens,
+            "trained_tokens_per_second": self.trained_tokens / self.train_seconds if self.train_seconds else None,
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "memory": memory,
+            "log": steps,
+        }
+
+
+class _Trainer(Trainer):
+    """``Trainer`` that also counts the tokens each step trains on, for tokens/s."""
+
+    def __init__(self, *args: Any, run_metrics: RunMetricsCallback, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_metrics = run_metrics
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.run_metrics.trained_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def make_trainer(
+    model,
+    tokenizer,
+    train_dataset,
+    eval_dataset=None,
+    config: TrainConfig | None = None,
+    *,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Trainer:
+    """A ``transformers.Trainer`` for a model from :func:`build_qlora_model` / :func:`build_lora_model`.
+
+    It uses :class:`GemmaChatCollator` (with ``token_type_ids`` where the model needs them), logs loss, grad
+    norm and learning rate every step, checkpoints every ``save_steps``, and records run metrics
+    (:class:`RunMetricsCallback`, also at ``trainer.run_metrics``). ``trainer.train(resume_from_checkpoint=True)``
+    resumes the latest checkpoint in ``output_dir``. Save the adapter and tokenizer with ``trainer.save_model()``.
+    """
+    config = config if config is not None else TrainConfig()
+    run_metrics = RunMetricsCallback()
+    return _Trainer(
+        model=model,
+        args=config.training_arguments(),
+        data_collator=GemmaChatCollator.for_model(tokenizer, model),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=[run_metrics, *(callbacks or [])],
+        run_metrics=run_metrics,
+    )
+
+
+def write_training_charts(log_history: list[dict[str, Any]], output_dir: str | Path) -> list[Path]:
+    """Write ``loss.png`` and ``grad_norm.png`` (per optimizer step) from a Trainer log history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, title in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+        points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
+        ax.set(xlabel="optimizer step", ylabel=key, title=title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(output_dir) / f"{key}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
