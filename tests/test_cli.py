@@ -38,3 +38,32 @@ def test_render_masked_marks_only_trained_runs(tiny_tokenizer):
     ids = tiny_tokenizer.encode("ab", add_special_tokens=False) + [tiny_tokenizer.convert_tokens_to_ids("<eos>")]
     labels = [-100] * (len(ids) - 1) + [ids[-1]]
     assert render_masked(tiny_tokenizer, ids, labels) == "ab⟦<eos>⟧"
+
+
+def test_train_then_merge_offline(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--tiny", "--output-dir", str(run), "--max_steps", "2", "--save_steps", "1"]
+    assert main([*args, "--learning_rate", "1e-3", "--lora_r", "4", "--disable_tqdm", "true"]) == 0
+    assert (run / "adapter_model.safetensors").exists() and (run / "metrics.json").exists()
+    assert json.loads((run / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(run), "--output", str(merged), "--merge-base", "nf4", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: max |logit difference|" in out
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "float16"
+    assert main(["merge", "--adapter", str(run), "--output", str(merged)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_train_rejects_a_misspelt_setting_before_loading_anything(capsys):
+    assert main(["train", "--tiny", "--learning_rat", "1e-3"]) == 2
+    assert "not TrainingArguments fields: ['learning_rat']" in capsys.readouterr().err
+
+
+def test_other_commands_reject_unknown_flags():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--bogus", "1"])

@@ -99,3 +99,21 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tiny_gemma3_path, tmp_path):
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-5)
     assert resumed.run_metrics.trained_tokens == straight.run_metrics.trained_tokens
+
+
+def test_run_config_layers_recipe_yaml_and_overrides(tmp_path):
+    from persian_qlora.training import RunConfig
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("method: lora\nlearning_rate: 1e-4\nlora_r: 16\nmax_grad_norm: 0.3\nnum_train_epochs: 2\n")
+    config = RunConfig.load(yaml_file, {"learning_rate": "5e-5", "lora_target_modules": ["q_proj", "v_proj"]})
+    assert config.method == "lora" and config.model == "google/gemma-3-1b-it"
+    assert config.train.learning_rate == 5e-5 and isinstance(config.train.learning_rate, float)
+    assert config.train.num_train_epochs == 2.0 and config.train.warmup_steps == 10
+    assert config.lora.r == 16 and config.lora.alpha == 16
+    assert config.lora.target_modules == ("q_proj", "v_proj")
+    assert config.train.extra == {"max_grad_norm": 0.3}
+    with pytest.raises(ValueError, match="must be a number"):
+        RunConfig.load(None, {"learning_rate": "fast"})
+    with pytest.raises(ValueError, match="method must be"):
+        RunConfig.load(None, {"method": "full"})

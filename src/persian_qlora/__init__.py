@@ -1,29 +1,52 @@
-"""persian-qlora: fine-tune Gemma chat models on Persian conversations with QLoRA or LoRA, vendor-neutral."""
+"""persian-qlora: fine-tune Gemma chat models on Persian conversations with QLoRA or LoRA, vendor-neutral.
+
+The public names below are imported on first use (PEP 562), so that ``import persian_qlora`` and the data tools
+do not pay for importing transformers' Trainer, bitsandbytes and peft (several seconds).
+"""
 
 from __future__ import annotations
 
-from persian_qlora.collator import GemmaChatCollator
-from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation
-from persian_qlora.errors import InvalidRecordError, PersianQLoRAError, TemplateError
-from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels
-from persian_qlora.normalize import NormalizerConfig, normalize_persian
-from persian_qlora.testing import gemma3_chat_template
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DatasetStats",
-    "GemmaChatCollator",
-    "GemmaTurnMarkers",
-    "InvalidRecordError",
-    "NormalizerConfig",
-    "PersianChatDataset",
-    "PersianQLoRAError",
-    "TemplateError",
-    "__version__",
-    "bundled_corpus_path",
-    "clean_conversation",
-    "gemma3_chat_template",
-    "model_turn_labels",
-    "normalize_persian",
-]
+_EXPORTS = {
+    "collator": ["GemmaChatCollator"],
+    "dataset": ["DatasetStats", "PersianChatDataset", "bundled_corpus_path", "clean_conversation"],
+    "errors": ["InvalidRecordError", "PersianQLoRAError", "TemplateError"],
+    "masking": ["GemmaTurnMarkers", "model_turn_labels"],
+    "merging": ["MergeResult", "merge_to_fp16"],
+    "modeling": ["LoraSettings", "build_lora_model", "build_qlora_model", "default_bnb_config"],
+    "normalize": ["NormalizerConfig", "normalize_persian"],
+    "testing": ["gemma3_chat_template"],
+    "training": ["RunConfig", "RunMetricsCallback", "TrainConfig", "make_trainer", "run_training"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_MODULE_OF, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'persian_qlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"persian_qlora.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from persian_qlora.collator import GemmaChatCollator
+    from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation
+    from persian_qlora.errors import InvalidRecordError, PersianQLoRAError, TemplateError
+    from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels
+    from persian_qlora.merging import MergeResult, merge_to_fp16
+    from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model, default_bnb_config
+    from persian_qlora.normalize import NormalizerConfig, normalize_persian
+    from persian_qlora.testing import gemma3_chat_template
+    from persian_qlora.training import RunConfig, RunMetricsCallback, TrainConfig, make_trainer, run_training

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from persian_qlora import __version__
 from persian_qlora.dataset import PersianChatDataset, bundled_corpus_path
@@ -41,7 +42,7 @@ def render_masked(tokenizer, input_ids: Sequence[int], labels: Sequence[int], co
     return "".join(pieces)
 
 
-def _prepare(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
     tokenizer = _load_tokenizer(args.tokenizer)
     source = args.data or bundled_corpus_path(args.split)
     dataset = PersianChatDataset(
@@ -65,6 +66,69 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
+    """``--key value`` pairs (values read as YAML scalars: 3, 2e-5, true, [a, b]) into a dict."""
+    import yaml
+
+    overrides: dict[str, object] = {}
+    items = list(pairs)
+    while items:
+        key = items.pop(0)
+        if not key.startswith("--") or len(key) == 2:
+            raise PersianQLoRAError(f"expected --key value, got {key!r}")
+        key = key[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif items and not items[0].startswith("--"):
+            value = items.pop(0)
+        else:
+            raise PersianQLoRAError(f"--{key} needs a value")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from persian_qlora.training import RunConfig, run_training
+
+    overrides = _parse_overrides(extra)
+    for name in ("method", "model", "data", "output_dir"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.tiny:
+        overrides["tiny"] = True
+    config = RunConfig.load(args.config, overrides)
+    what = "tiny random Gemma 3 + bundled corpus (offline)" if config.tiny else f"{config.model} on {config.data}"
+    print(f"persian-qlora train: {config.method} of {what} -> {config.train.output_dir}")
+    output = run_training(config, resume=args.resume)
+    print(f"adapter, tokenizer, metrics.json and charts saved to {output}")
+    return 0
+
+
+def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import torch
+
+    from persian_qlora.merging import merge_to_fp16
+
+    base = args.base
+    if base is None:
+        config = json.loads((Path(args.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+        base = config["base_model_name_or_path"]
+    result = merge_to_fp16(
+        base,
+        args.adapter,
+        args.output,
+        dtype=getattr(torch, args.dtype),
+        merge_base=args.merge_base,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        verify=args.verify,
+    )
+    print(f"merged {args.adapter} into {base} ({args.merge_base} base, {args.dtype}) -> {result.output_dir}")
+    if result.max_abs_logit_diff is not None:
+        print(f"verify: max |logit difference| merged vs base+adapter = {result.max_abs_logit_diff:.3g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persian-qlora", description="Fine-tune Gemma chat models on Persian conversations with QLoRA or LoRA."
@@ -85,15 +149,48 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--example", type=int, default=0, help="index of the masked example to show")
     prepare.add_argument("--json", action="store_true", help="print the statistics as JSON only")
     prepare.set_defaults(run=_prepare)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune with QLoRA or LoRA",
+        description="Fine-tune with QLoRA or LoRA. Settings: the reference recipe, then --config YAML, then "
+        "--key value overrides (any RunConfig/TrainConfig field, lora_r/lora_alpha/lora_dropout/"
+        "lora_target_modules, or any transformers TrainingArguments field).",
+    )
+    train.add_argument("--config", help="YAML file of settings")
+    train.add_argument("--method", choices=["qlora", "lora"], help="default: qlora")
+    train.add_argument("--model", help="model id or path (default: google/gemma-3-1b-it)")
+    train.add_argument("--data", help="dataset name or file (default: mshojaei77/persian-gk)")
+    train.add_argument("--output-dir", help="where checkpoints, the adapter and metrics go")
+    train.add_argument("--tiny", action="store_true", help="offline preset: tiny random Gemma 3 + bundled corpus")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output-dir")
+    train.set_defaults(run=_train, takes_overrides=True)
+
+    merge = commands.add_parser("merge", help="merge a LoRA adapter into its base and save a 16-bit model")
+    merge.add_argument("--adapter", required=True, help="adapter directory (from train)")
+    merge.add_argument("--base", help="base model id or path (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--output", required=True, help="directory for the merged model (must not exist)")
+    merge.add_argument("--merge-base", choices=["original", "nf4"], default="original", help="see docs/merging.md")
+    merge.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    merge.add_argument("--max-shard-size", default="2GB")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    merge.add_argument("--verify", action="store_true", help="compare merged and base+adapter logits")
+    merge.set_defaults(run=_merge)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # bitsandbytes warns on every run that an optional kernel for its AVX512-BF16 weight repacking is missing;
+    # persian-qlora turns that repacking off (see modeling.py), so the warning is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        return args.run(args)
-    except (PersianQLoRAError, FileNotFoundError) as err:
+        return args.run(args, extra)
+    except (PersianQLoRAError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"persian-qlora: error: {err}", file=sys.stderr)
         return 2
 

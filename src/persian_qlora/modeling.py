@@ -184,9 +184,10 @@ def build_qlora_model(
     """Load a Gemma model in 4-bit NF4 with double quantisation and attach LoRA to its language layers.
 
     ``lora`` is a :class:`LoraSettings` (default: r=8, alpha=16, dropout 0, the 7 attention/MLP projections) or a
-    ``peft.LoraConfig`` (a list of target names in it is also confined to the language model). ``bnb_config`` replaces :func:`default_bnb_config`. ``dtype`` is the compute dtype
-    (default: bf16 on a capable GPU, fp32 otherwise) and the dtype of the unquantised weights. Other keyword
-    arguments go to ``from_pretrained`` (``device_map``, ``attn_implementation``, ``revision``...).
+    ``peft.LoraConfig`` (a list of target names in it is also confined to the language model). ``bnb_config``
+    replaces :func:`default_bnb_config`. ``dtype`` is the compute dtype (default: bf16 on a capable GPU, fp32
+    otherwise) and the dtype of the unquantised weights. Other keyword arguments go to ``from_pretrained``
+    (``device_map``, ``attn_implementation``, ``revision``...).
     Returns the ``peft.PeftModel``.
     """
     dtype = resolve_dtype(dtype)

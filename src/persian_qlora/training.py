@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -22,8 +22,16 @@ from transformers.trainer_callback import ExportableState
 
 from persian_qlora.collator import GemmaChatCollator
 from persian_qlora.masking import IGNORE_INDEX
+from persian_qlora.modeling import LoraSettings
 
-__all__ = ["RunMetricsCallback", "TrainConfig", "make_trainer", "write_training_charts"]
+__all__ = [
+    "RunConfig",
+    "RunMetricsCallback",
+    "TrainConfig",
+    "make_trainer",
+    "run_training",
+    "write_training_charts",
+]
 
 logger = logging.getLogger("persian_qlora")
 
@@ -207,3 +215,102 @@ def write_training_charts(log_history: list[dict[str, Any]], output_dir: str | P
         plt.close(fig)
         written.append(path)
     return written
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run: what to train, on what, and how. Read from YAML with :meth:`load`.
+
+    ``tiny=True`` is the offline preset: a tiny random Gemma 3 from :mod:`persian_qlora.testing` and the bundled
+    corpus, in place of ``model`` and ``data``.
+    """
+
+    method: Literal["qlora", "lora"] = "qlora"
+    model: str = "google/gemma-3-1b-it"
+    data: str = "mshojaei77/persian-gk"
+    split: str = "train"
+    tiny: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def load(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Recipe defaults, then the YAML file's keys, then ``overrides`` (e.g. from the command line).
+
+        Keys are flat: the fields above; ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``;
+        any :class:`TrainConfig` field; and any other ``TrainingArguments`` field (kept in ``train.extra``).
+        """
+        import yaml
+
+        values: dict[str, Any] = {}
+        if yaml_path is not None:
+            loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{yaml_path}: expected a mapping of settings, got {type(loaded).__name__}")
+            values.update(loaded)
+        values.update(overrides or {})
+
+        config = cls()
+        lora_fields = {f.name for f in fields(LoraSettings)}
+        train_fields = {f.name for f in fields(TrainConfig)} - {"extra"}
+        hf_defaults = {f.name: f.default for f in fields(TrainingArguments)}
+        for key, value in values.items():
+            if key in ("lora", "train"):
+                raise ValueError(f"use flat keys (e.g. lora_r, learning_rate), not a {key!r} section")
+            if key in {f.name for f in fields(cls)}:
+                setattr(config, key, value)
+            elif key.startswith("lora_") and key.removeprefix("lora_") in lora_fields:
+                name = key.removeprefix("lora_")
+                value = tuple(value) if name == "target_modules" else _like(getattr(config.lora, name), value, key)
+                setattr(config.lora, name, value)
+            elif key in train_fields:
+                setattr(config.train, key, _like(getattr(config.train, key), value, key))
+            else:
+                config.train.extra[key] = _like(hf_defaults.get(key), value, key)
+        if config.method not in ("qlora", "lora"):
+            raise ValueError(f"method must be 'qlora' or 'lora', got {config.method!r}")
+        config.train.training_arguments()  # fail now, not hours later, on a misspelt TrainingArguments field
+        return config
+
+
+def _like(default: Any, value: Any, key: str) -> Any:
+    """Give ``value`` the numeric type of ``default``: YAML reads ``2e-5`` (no dot) as a string."""
+    if isinstance(default, bool) or value is None or not isinstance(default, (int, float)):
+        return value
+    try:
+        return type(default)(value) if isinstance(default, float) or float(value).is_integer() else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+
+
+def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Load data and model, train, and save the adapter, tokenizer, metrics and charts to ``output_dir``.
+
+    ``resume=True`` continues from the latest checkpoint in ``output_dir`` when there is one.
+    """
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from persian_qlora.dataset import PersianChatDataset, bundled_corpus_path
+    from persian_qlora.modeling import build_lora_model, build_qlora_model
+
+    output_dir = Path(config.train.output_dir)
+    model_path, data = config.model, config.data
+    if config.tiny:
+        from persian_qlora.testing import build_tiny_gemma
+
+        model_path = str(output_dir / "tiny-base")
+        if not (output_dir / "tiny-base" / "config.json").exists():
+            build_tiny_gemma(model_path, "gemma3")
+        data = str(bundled_corpus_path("train"))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    dataset = PersianChatDataset(data, tokenizer, split=config.split, max_length=config.train.max_length)
+    logger.info("training data:\n%s", dataset.stats)
+    builder = build_qlora_model if config.method == "qlora" else build_lora_model
+    model = builder(model_path, lora=config.lora)
+    trainer = make_trainer(model, tokenizer, dataset, config=config.train, callbacks=callbacks)
+    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    return output_dir
