@@ -104,6 +104,56 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def _print_report(report: dict, output_dir: str) -> None:
+    from persian_qlora.report import table_lines
+
+    print("\n".join(table_lines(report)))
+    print(
+        f"\nreport: {Path(output_dir) / 'report.md'} (and report.json, loss.png, grad_norm.png, metrics.png, "
+        "resources.png)"
+    )
+
+
+def _compare(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from persian_qlora.compare import CompareConfig, compare
+    from persian_qlora.training import RunConfig
+
+    overrides = _parse_overrides(extra)
+    for name in ("model", "data"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.tiny:
+        overrides["tiny"] = True
+    config = CompareConfig(
+        run=RunConfig.load(args.config, overrides),
+        output_dir=args.output_dir,
+        test_data=args.test_data,
+        test_split=args.test_split,
+        max_eval=args.max_eval,
+        max_new_tokens=args.max_new_tokens,
+    )
+    _print_report(compare(config), config.output_dir)
+    return 0
+
+
+def _demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from persian_qlora.compare import compare, demo_config
+
+    config = demo_config(args.output_dir)
+    print(
+        "persian-qlora demo: base vs QLoRA vs LoRA (+ merged QLoRA) on a tiny Persian Gemma 3 and the bundled "
+        f"corpus, offline, on {'GPU' if _cuda() else 'CPU'}. Takes a few minutes; output in {args.output_dir}"
+    )
+    _print_report(compare(config), config.output_dir)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
     import torch
 
@@ -176,6 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--verify", action="store_true", help="compare merged and base+adapter logits")
     merge.set_defaults(run=_merge)
+
+    comparison = commands.add_parser(
+        "compare",
+        help="base vs QLoRA vs LoRA: train both, evaluate before/after, write a report",
+        description="Train QLoRA and LoRA with the same settings and evaluate the base, both adapters and the "
+        "merged QLoRA model. Settings as for 'train' (--config YAML, --key value overrides).",
+    )
+    comparison.add_argument("--config", help="YAML file of training settings")
+    comparison.add_argument("--model", help="model id or path (default: google/gemma-3-1b-it)")
+    comparison.add_argument("--data", help="training dataset (default: mshojaei77/persian-gk)")
+    comparison.add_argument("--test-data", help="evaluation dataset (default: --data)")
+    comparison.add_argument("--test-split", default="test", help="evaluation split (default: test)")
+    comparison.add_argument("--max-eval", type=int, help="evaluate at most this many conversations")
+    comparison.add_argument("--max-new-tokens", type=int, default=256)
+    comparison.add_argument("--output-dir", default="runs/compare")
+    comparison.add_argument("--tiny", action="store_true", help="offline: tiny Persian base + bundled corpus")
+    comparison.set_defaults(run=_compare, takes_overrides=True)
+
+    demo = commands.add_parser("demo", help="the whole comparison offline on a tiny model and the bundled corpus")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.set_defaults(run=_demo)
     return parser
 
 

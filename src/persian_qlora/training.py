@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +20,7 @@ from transformers.trainer_callback import ExportableState
 
 from persian_qlora.collator import GemmaChatCollator
 from persian_qlora.masking import IGNORE_INDEX
+from persian_qlora.measure import PhaseMeter
 from persian_qlora.modeling import LoraSettings
 
 __all__ = [
@@ -82,9 +81,9 @@ class TrainConfig:
 class RunMetricsCallback(TrainerCallback, ExportableState):
     """Records wall time, peak memory and trained tokens/s, and writes ``metrics.json`` and charts at the end.
 
-    Peak memory is CUDA's ``max_memory_allocated``/``max_memory_reserved`` (reset when training starts) on a GPU,
-    and the process's peak resident set size on CPU (``ru_maxrss``: the whole process since it started, loading
-    included). Trained tokens are label tokens that carry loss; the counts survive a resume from checkpoint.
+    Peak memory is measured over ``train()`` by :class:`~persian_qlora.measure.PhaseMeter`: CUDA's max allocated and
+    reserved on a GPU, the sampled peak resident set size on CPU. Trained tokens are label tokens that carry loss;
+    token and time totals survive a resume from checkpoint.
     """
 
     def __init__(self) -> None:
@@ -100,8 +99,7 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
         if state.global_step > 0 and isinstance(saved, dict):  # resumed: continue the totals
             for name, value in saved.get("attributes", {}).items():
                 setattr(self, name, value)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        self._meter = PhaseMeter().__enter__()
         self._started = time.perf_counter()
 
     def on_save(self, args, state, control, **kwargs):
@@ -109,6 +107,7 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._checkpoint_time()
+        self._meter.__exit__(None, None, None)
         if state.is_world_process_zero:
             output = Path(args.output_dir)
             output.mkdir(parents=True, exist_ok=True)
@@ -121,20 +120,6 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
         self._started = now
 
     def summary(self, state) -> dict[str, Any]:
-        memory: dict[str, Any]
-        if torch.cuda.is_available():
-            memory = {
-                "device": torch.cuda.get_device_name(),
-                "cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
-                "cuda_max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
-            }
-        else:
-            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-            memory = {
-                "device": "cpu",
-                "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30,
-                "cpu_peak_rss_note": "peak resident memory of the whole process since it started",
-            }
         steps = [
             {k: entry[k] for k in ("step", "loss", "grad_norm", "learning_rate") if k in entry}
             for entry in state.log_history
@@ -146,7 +131,7 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
             "trained_tokens": self.trained_tokens,
             "trained_tokens_per_second": self.trained_tokens / self.train_seconds if self.train_seconds else None,
             "final_loss": steps[-1]["loss"] if steps else None,
-            "memory": memory,
+            "memory": self._meter.result.memory,
             "log": steps,
         }
 
