@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/persian-qlora prepare
+	$(BIN)/persian-qlora demo
 
 test: install
 	$(BIN)/python -m pytest

@@ -87,16 +87,32 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     return overrides
 
 
-def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from persian_qlora.training import RunConfig, run_training
+def _add_run_options(parser: argparse.ArgumentParser, tiny_help: str) -> None:
+    """The options `train` and `compare` share; other settings come as --key value overrides."""
+    parser.add_argument("--config", help="YAML file of settings")
+    parser.add_argument("--model", help="model id or path (default: google/gemma-3-1b-it)")
+    parser.add_argument("--data", help="training dataset name or file (default: mshojaei77/persian-gk)")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+    parser.set_defaults(takes_overrides=True)
+
+
+def _run_config(args: argparse.Namespace, extra: Sequence[str]):
+    """Recipe defaults, then --config, then --key value pairs and the named options."""
+    from persian_qlora.training import RunConfig
 
     overrides = _parse_overrides(extra)
     for name in ("method", "model", "data", "output_dir"):
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
     if args.tiny:
         overrides["tiny"] = True
-    config = RunConfig.load(args.config, overrides)
+    return RunConfig.load(args.config, overrides)
+
+
+def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from persian_qlora.training import run_training
+
+    config = _run_config(args, extra)
     what = "tiny random Gemma 3 + bundled corpus (offline)" if config.tiny else f"{config.model} on {config.data}"
     print(f"persian-qlora train: {config.method} of {what} -> {config.train.output_dir}")
     output = run_training(config, resume=args.resume)
@@ -116,17 +132,10 @@ def _print_report(report: dict, output_dir: str) -> None:
 
 def _compare(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from persian_qlora.compare import CompareConfig, compare
-    from persian_qlora.training import RunConfig
 
-    overrides = _parse_overrides(extra)
-    for name in ("model", "data"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.tiny:
-        overrides["tiny"] = True
     config = CompareConfig(
-        run=RunConfig.load(args.config, overrides),
-        output_dir=args.output_dir,
+        run=_run_config(args, extra),
+        output_dir=args.compare_dir,
         test_data=args.test_data,
         test_split=args.test_split,
         max_eval=args.max_eval,
@@ -207,14 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--key value overrides (any RunConfig/TrainConfig field, lora_r/lora_alpha/lora_dropout/"
         "lora_target_modules, or any transformers TrainingArguments field).",
     )
-    train.add_argument("--config", help="YAML file of settings")
+    _add_run_options(train, "offline preset: tiny random Gemma 3 + bundled corpus")
     train.add_argument("--method", choices=["qlora", "lora"], help="default: qlora")
-    train.add_argument("--model", help="model id or path (default: google/gemma-3-1b-it)")
-    train.add_argument("--data", help="dataset name or file (default: mshojaei77/persian-gk)")
     train.add_argument("--output-dir", help="where checkpoints, the adapter and metrics go")
-    train.add_argument("--tiny", action="store_true", help="offline preset: tiny random Gemma 3 + bundled corpus")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output-dir")
-    train.set_defaults(run=_train, takes_overrides=True)
+    train.set_defaults(run=_train)
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter into its base and save a 16-bit model")
     merge.add_argument("--adapter", required=True, help="adapter directory (from train)")
@@ -233,16 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train QLoRA and LoRA with the same settings and evaluate the base, both adapters and the "
         "merged QLoRA model. Settings as for 'train' (--config YAML, --key value overrides).",
     )
-    comparison.add_argument("--config", help="YAML file of training settings")
-    comparison.add_argument("--model", help="model id or path (default: google/gemma-3-1b-it)")
-    comparison.add_argument("--data", help="training dataset (default: mshojaei77/persian-gk)")
+    _add_run_options(comparison, "offline: tiny Persian base + bundled corpus")
     comparison.add_argument("--test-data", help="evaluation dataset (default: --data)")
     comparison.add_argument("--test-split", default="test", help="evaluation split (default: test)")
     comparison.add_argument("--max-eval", type=int, help="evaluate at most this many conversations")
     comparison.add_argument("--max-new-tokens", type=int, default=256)
-    comparison.add_argument("--output-dir", default="runs/compare")
-    comparison.add_argument("--tiny", action="store_true", help="offline: tiny Persian base + bundled corpus")
-    comparison.set_defaults(run=_compare, takes_overrides=True)
+    comparison.add_argument("--output-dir", dest="compare_dir", default="runs/compare", help="the report directory")
+    comparison.set_defaults(run=_compare)
 
     demo = commands.add_parser("demo", help="the whole comparison offline on a tiny model and the bundled corpus")
     demo.add_argument("--output-dir", default="runs/demo")

@@ -67,7 +67,6 @@ def demo_config(output_dir: str = "runs/demo") -> CompareConfig:
         "lora_r": 16,
         "lora_alpha": 32,
         "save_strategy": "no",
-        "disable_tqdm": True,
     }
     return CompareConfig(
         run=RunConfig.load(None, overrides),

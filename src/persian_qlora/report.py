@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import platform
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -26,7 +27,7 @@ def environment() -> dict[str, Any]:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     return {
         "device": device,
         "cpu_threads": torch.get_num_threads(),
@@ -186,7 +187,7 @@ def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int
         "- ROUGE-L: rouge-score, F1, with persian_qlora's Persian word tokenizer",
         f"- LoRA: {json.dumps(config['lora'], ensure_ascii=False)}",
         f"- training: {json.dumps(config['train'], ensure_ascii=False)}",
-        f"- device: {env['device']}, {env['cpu_threads']} CPU threads; date: {env['date']}",
+        f"- device: {env['device']} ({env['cpu_threads']} torch threads); date: {env['date']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
         "",
         "## Charts",
