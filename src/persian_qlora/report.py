@@ -89,13 +89,15 @@ def _samples(report: dict[str, Any], count: int) -> list[str]:
         return []
     columns = ["prompt (last user turn)", "reference"]
     for run in runs:
-        columns += [f"{_LABELS.get(run['method'], run['method'])}: before", f"{run['method']}: after"]
+        label = _LABELS.get(run["method"], run["method"])
+        columns += [f"{label}: before", f"{label}: after"]
     out = ['<div dir="rtl">', "", "<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
     for i in range(min(count, len(runs[0]["references"]))):
         cells = [runs[0]["prompts"][i][-1]["content"], runs[0]["references"][i]]
         for run in runs:
             cells += [run["before"]["texts"][i], run["after"]["texts"][i]]
-        out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        cells_html = (html.escape(c).replace("\n", "<br>") for c in cells)
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells_html) + "</tr>")
     return [*out, "</table>", "", "</div>"]
 
 
