@@ -29,6 +29,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/prepare_throughput.py
 	$(BIN)/python benchmarks/kbit_preparation_memory.py
+	$(BIN)/python benchmarks/inference.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -27,3 +27,16 @@ def test_train_and_merge_examples(tmp_path):
         out = _run(tmp_path, "merge.py", adapter, f"merged/{base}", "--merge-base", base)
         assert "max |logit difference|" in out
         assert (tmp_path / "merged" / base / "README.md").exists()
+
+
+def test_chat_example(tmp_path, tiny_gemma3_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "chat.py"), str(tiny_gemma3_path)],
+        input="سلام\n/reset\nحالت چطوره؟\n/exit\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("شما> ") == 4

@@ -12,11 +12,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "chat": ["ChatSession"],
     "collator": ["GemmaChatCollator"],
+    "compare": ["CompareConfig", "compare"],
     "dataset": ["DatasetStats", "PersianChatDataset", "bundled_corpus_path", "clean_conversation"],
     "errors": ["InvalidRecordError", "PersianQLoRAError", "TemplateError"],
+    "generation": ["evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
     "masking": ["GemmaTurnMarkers", "model_turn_labels"],
     "merging": ["MergeResult", "merge_to_fp16"],
+    "metrics": ["corpus_scores", "sentence_scores"],
     "modeling": ["LoraSettings", "build_lora_model", "build_qlora_model", "default_bnb_config"],
     "normalize": ["NormalizerConfig", "normalize_persian"],
     "testing": ["gemma3_chat_template"],
@@ -41,11 +45,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from persian_qlora.chat import ChatSession
     from persian_qlora.collator import GemmaChatCollator
+    from persian_qlora.compare import CompareConfig, compare
     from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation
     from persian_qlora.errors import InvalidRecordError, PersianQLoRAError, TemplateError
+    from persian_qlora.generation import evaluation_pairs, generate, load_for_inference, stream_reply
     from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels
     from persian_qlora.merging import MergeResult, merge_to_fp16
+    from persian_qlora.metrics import corpus_scores, sentence_scores
     from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model, default_bnb_config
     from persian_qlora.normalize import NormalizerConfig, normalize_persian
     from persian_qlora.testing import gemma3_chat_template

@@ -163,6 +163,42 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _chat(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from persian_qlora.chat import ChatSession
+    from persian_qlora.generation import load_for_inference
+
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")  # Persian must print on any locale
+    model, tokenizer = load_for_inference(args.model, args.adapter, quantization=args.quantization)
+    sampling = (
+        {"do_sample": False}
+        if args.greedy
+        else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    )
+    session = ChatSession(model, tokenizer, system=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("persian-qlora chat: /reset clears the conversation, /exit quits.")
+    while True:
+        try:
+            text = input("شما> " if interactive else "").strip()
+        except EOFError:
+            break
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        print("مدل> ", end="", flush=True)
+        for piece in session.send(text):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
 def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
     import torch
 
@@ -246,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--max-new-tokens", type=int, default=256)
     comparison.add_argument("--output-dir", dest="compare_dir", default="runs/compare", help="the report directory")
     comparison.set_defaults(run=_compare)
+
+    chat = commands.add_parser("chat", help="talk to a merged model or a base + adapter in the terminal")
+    chat.add_argument("--model", required=True, help="merged model, or the base when --adapter is given")
+    chat.add_argument("--adapter", help="LoRA adapter directory")
+    chat.add_argument("--quantization", choices=["8bit", "4bit"], help="load the weights quantised")
+    chat.add_argument("--system", help="a system prompt for the whole conversation")
+    chat.add_argument("--temperature", type=float, default=0.1)
+    chat.add_argument("--top-p", type=float, default=0.95)
+    chat.add_argument("--top-k", type=int, default=64)
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.set_defaults(run=_chat)
 
     demo = commands.add_parser("demo", help="the whole comparison offline on a tiny model and the bundled corpus")
     demo.add_argument("--output-dir", default="runs/demo")

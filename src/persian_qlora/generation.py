@@ -6,15 +6,18 @@ padding is computed, and stop on both ``<eos>`` and ``<end_of_turn>``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from persian_qlora.measure import PhaseMeter
 
-__all__ = ["GenerationResult", "evaluation_pairs", "generate", "stop_token_ids"]
+__all__ = ["GenerationResult", "evaluation_pairs", "generate", "load_for_inference", "stop_token_ids", "stream_reply"]
 
 Conversation = list[dict[str, str]]
 
@@ -110,3 +113,104 @@ def generate(
     if was_training:
         model.train()
     return GenerationResult(texts=texts, new_tokens=counts, seconds=meter.result.seconds, memory=meter.result.memory)
+
+
+def load_for_inference(
+    path_or_id: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    quantization: Literal["8bit", "4bit"] | None = None,
+    dtype=None,
+    **load_kwargs: Any,
+):
+    """Load a merged model, or a base with a LoRA adapter, and its tokenizer, ready to generate.
+
+    ``dtype``: bf16 on a GPU that supports it, else fp32; fp16 is refused for Gemma (see ``resolve_dtype``).
+    ``quantization="8bit"`` (LLM.int8) or ``"4bit"`` (NF4) loads the weights quantised with bitsandbytes, leaving
+    the LM head and Gemma 3n's AltUp linears unquantised as in training. The generation config stops on ``<eos>``
+    and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training saved one there.
+    Returns ``(model, tokenizer)``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from persian_qlora.modeling import FULL_PRECISION_MODULES, default_bnb_config, resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    if quantization == "4bit":
+        load_kwargs["quantization_config"] = default_bnb_config(dtype)
+    elif quantization == "8bit":
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=list(FULL_PRECISION_MODULES)
+        )
+        # LLM.int8 always multiplies in fp16 internally and warns about it on every call.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    elif quantization is not None:
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **load_kwargs)
+    tokenizer_source = path_or_id
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if (Path(adapter) / "tokenizer_config.json").exists():
+            tokenizer_source = adapter
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    model.config.use_cache = True
+    return model.eval(), tokenizer
+
+
+def stream_reply(
+    model,
+    tokenizer,
+    conversation: Conversation,
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    **generate_kwargs: Any,
+) -> Iterator[str]:
+    """Yield the next model turn of one conversation piece by piece, as it is generated.
+
+    Uses transformers' ``TextIteratorStreamer``: generation runs in a background thread and the decoded text
+    arrives here. Joined, the pieces equal the text :func:`generate` returns for the same settings.
+    """
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    device = next(model.parameters()).device
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids["input_ids"].to(device),
+                    attention_mask=ids["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    eos_token_id=stop_token_ids(tokenizer),
+                    pad_token_id=tokenizer.pad_token_id,
+                    streamer=streamer,
+                    **sampling,
+                    **generate_kwargs,
+                )
+        except BaseException as err:  # re-raised in the caller's thread below
+            errors.append(err)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    first = True
+    for piece in streamer:
+        if first:  # generate() strips the reply; a stream can only strip its start
+            piece, first = piece.lstrip(), not piece.strip()
+        if piece:
+            yield piece
+    worker.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,101 @@
+"""Inference: loading merged or base+adapter models (also 4-bit/8-bit), streaming, and the chat command."""
+
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from persian_qlora import PersianChatDataset
+from persian_qlora.chat import ChatSession
+from persian_qlora.generation import evaluation_pairs, generate, load_for_inference, stream_reply
+
+GREEDY = {"do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_gemma3_path):
+    return load_for_inference(tiny_gemma3_path)
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded):
+    _, tokenizer = loaded
+    return evaluation_pairs(PersianChatDataset.bundled(tokenizer, "test").conversations[:3])[0]
+
+
+def test_streaming_yields_the_same_text_as_generate(loaded, prompts):
+    model, tokenizer = loaded
+    for prompt in prompts:
+        streamed = "".join(stream_reply(model, tokenizer, prompt, max_new_tokens=16))
+        assert streamed.rstrip() == generate(model, tokenizer, [prompt], max_new_tokens=16).texts[0]
+
+
+def test_generation_config_stops_on_eos_and_end_of_turn(loaded):
+    model, tokenizer = loaded
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
+    assert set(model.generation_config.eos_token_id) == stops and not model.training
+
+
+@pytest.mark.parametrize(("quantization", "layer"), [("4bit", bnb.nn.Linear4bit), ("8bit", bnb.nn.Linear8bitLt)])
+def test_quantized_loading_generates_on_cpu(tiny_gemma3_path, prompts, quantization, layer):
+    model, tokenizer = load_for_inference(tiny_gemma3_path, quantization=quantization)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, layer)
+    assert type(model.lm_head) is torch.nn.Linear
+    result = generate(model, tokenizer, prompts[:2], max_new_tokens=6)
+    assert len(result.texts) == 2 and all(n > 0 for n in result.new_tokens)
+
+
+def test_fp16_is_refused(tiny_gemma3_path):
+    from persian_qlora import PersianQLoRAError
+
+    with pytest.raises(PersianQLoRAError, match="fp16"):
+        load_for_inference(tiny_gemma3_path, dtype=torch.float16)
+
+
+def test_chat_session_keeps_history_and_resets(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, system="کوتاه پاسخ بده.", sampling=GREEDY, max_new_tokens=8)
+    first = "".join(session.send("سلام"))
+    "".join(session.send("حالت چطوره؟"))
+    assert [m["role"] for m in session.messages()] == ["system", "user", "assistant", "user", "assistant"]
+    assert session.history[1]["content"] == first.strip()
+    rendered = tokenizer.apply_chat_template(session.messages(), tokenize=False)
+    assert rendered.index("سلام") < rendered.index("حالت چطوره؟")  # the second turn saw the first
+    session.reset()
+    assert session.messages() == [{"role": "system", "content": "کوتاه پاسخ بده."}]
+
+
+def _chat_command(path):
+    return [sys.executable, "-m", "persian_qlora.cli", "chat", "--model", str(path), "--max-new-tokens", "6"]
+
+
+def test_chat_answers_two_turns_through_a_pipe(tiny_gemma3_path):
+    result = subprocess.run(
+        [*_chat_command(tiny_gemma3_path), "--greedy"],
+        input="سلام\nحالت چطوره؟\n/exit\nاین خط خوانده نمی‌شود\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("مدل> ") == 2
+
+
+def test_chat_in_a_real_terminal(tiny_gemma3_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(
+        _chat_command(tiny_gemma3_path)[0], _chat_command(tiny_gemma3_path)[1:], encoding="utf-8", timeout=120
+    )
+    child.expect("/exit quits")
+    child.expect("شما> ")
+    child.sendline("سلام")
+    child.expect("مدل> ")
+    child.expect("شما> ")
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
