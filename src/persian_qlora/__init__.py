@@ -16,7 +16,7 @@ _EXPORTS = {
     "collator": ["GemmaChatCollator"],
     "compare": ["CompareConfig", "compare"],
     "dataset": ["DatasetStats", "PersianChatDataset", "bundled_corpus_path", "clean_conversation"],
-    "errors": ["InvalidRecordError", "PersianQLoRAError", "TemplateError"],
+    "errors": ["InvalidRecordError", "NonFiniteError", "PersianQLoRAError", "TemplateError"],
     "generation": ["evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
     "masking": ["GemmaTurnMarkers", "model_turn_labels"],
     "merging": ["MergeResult", "merge_to_fp16"],
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from persian_qlora.collator import GemmaChatCollator
     from persian_qlora.compare import CompareConfig, compare
     from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation
-    from persian_qlora.errors import InvalidRecordError, PersianQLoRAError, TemplateError
+    from persian_qlora.errors import InvalidRecordError, NonFiniteError, PersianQLoRAError, TemplateError
     from persian_qlora.generation import evaluation_pairs, generate, load_for_inference, stream_reply
     from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels
     from persian_qlora.merging import MergeResult, merge_to_fp16

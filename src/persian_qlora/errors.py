@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InvalidRecordError", "PersianQLoRAError", "TemplateError"]
+__all__ = ["InvalidRecordError", "NonFiniteError", "PersianQLoRAError", "TemplateError"]
 
 
 class PersianQLoRAError(Exception):
@@ -27,3 +27,16 @@ class InvalidRecordError(PersianQLoRAError, ValueError):
         self.message_index = message_index
         place = where if message_index is None else f"{where}, message {message_index}"
         super().__init__(f"{place}: {detail}")
+
+
+class NonFiniteError(PersianQLoRAError, FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient norm and was stopped before the optimizer step."""
+
+    def __init__(self, step: int, what: str, value: float, last_checkpoint: str | None) -> None:
+        self.step, self.what, self.value, self.last_checkpoint = step, what, value, last_checkpoint
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+        super().__init__(
+            f"training stopped at optimizer step {step}: the {what} is {value}. No update was applied and {kept}. "
+            "Usual causes: fp16 compute on Gemma (use bf16 or fp32), a learning rate that is too high (lower it, "
+            "or add warmup), or a batch with no trained tokens (check the data with `persian-qlora prepare`)"
+        )

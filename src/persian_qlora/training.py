@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from persian_qlora.collator import GemmaChatCollator
+from persian_qlora.errors import NonFiniteError
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.measure import PhaseMeter
 from persian_qlora.modeling import LoraSettings
@@ -29,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "make_trainer",
     "run_training",
+    "latest_checkpoint",
     "write_training_charts",
 ]
 
@@ -136,16 +139,60 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
         }
 
 
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest *complete* ``checkpoint-N`` in ``output_dir``, or None.
+
+    Trainer writes a checkpoint in place and ``trainer_state.json`` last; a checkpoint whose state file is missing
+    or unreadable was cut off while saving (a kill, a full disk) and is skipped, where transformers'
+    ``get_last_checkpoint`` would pick it and fail to resume.
+    """
+    candidates = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and path.is_dir():
+            candidates.append((int(step), path))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning("ignoring %s: it was interrupted while being saved", path)
+            continue
+        return str(path)
+    return None
+
+
 class _Trainer(Trainer):
-    """``Trainer`` that also counts the tokens each step trains on, for tokens/s."""
+    """``Trainer`` that counts trained tokens, stops on a non-finite loss or gradient norm before the optimizer
+    step, and resumes only from complete checkpoints."""
 
     def __init__(self, *args: Any, run_metrics: RunMetricsCallback, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.run_metrics = run_metrics
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                logger.warning("no complete checkpoint in %s: training from the start", self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.run_metrics.trained_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._check_finite("loss", loss)
+        return loss
+
+    def _clip_grad_norm(self, model):
+        grad_norm = super()._clip_grad_norm(model)
+        if grad_norm is not None:
+            self._check_finite("gradient norm", grad_norm)
+        return grad_norm
+
+    def _check_finite(self, what: str, value: torch.Tensor | float) -> None:
+        # Trainer's logging_nan_inf_filter hides a NaN loss from the logs; here it stops the run instead.
+        number = float(value)
+        if not math.isfinite(number):
+            raise NonFiniteError(self.state.global_step + 1, what, number, latest_checkpoint(self.args.output_dir))
 
 
 def make_trainer(
@@ -273,8 +320,7 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
 
     ``resume=True`` continues from the latest checkpoint in ``output_dir`` when there is one.
     """
-    from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import AutoTokenizer, set_seed
 
     from persian_qlora.dataset import PersianChatDataset, bundled_corpus_path
     from persian_qlora.modeling import build_lora_model, build_qlora_model
@@ -293,9 +339,9 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
     dataset = PersianChatDataset(data, tokenizer, split=config.split, max_length=config.train.max_length)
     logger.info("training data:\n%s", dataset.stats)
     builder = build_qlora_model if config.method == "qlora" else build_lora_model
+    set_seed(config.train.seed)  # LoRA's A matrices are random: the same seed gives the same run
     model = builder(model_path, lora=config.lora)
     trainer = make_trainer(model, tokenizer, dataset, config=config.train, callbacks=callbacks)
-    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model()
     return output_dir
