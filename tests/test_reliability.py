@@ -57,7 +57,7 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
 def test_a_checkpoint_cut_off_while_saving_is_never_resumed(tmp_path):
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text('{"global_step": %d}' % step)
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     partial = tmp_path / "checkpoint-6"
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"half a file")

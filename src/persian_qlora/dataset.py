@@ -269,6 +269,16 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
             f"content is {type(content).__name__}{'' if content is None else f' ({content!r})'}, expected a string",
             index,
         )
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON can carry "\ud800"; a tokenizer would fail deep inside
+        raise InvalidRecordError(
+            where,
+            "lone surrogate",
+            f"content has an unpaired surrogate U+{ord(content[err.start]):04X} at character {err.start}: the text "
+            "was corrupted on its way into the file; repair or drop it",
+            index,
+        ) from None
     for token in _CONTROL_TOKENS:
         if token in content:
             raise InvalidRecordError(
@@ -515,14 +525,14 @@ class PersianChatDataset(torch.utils.data.Dataset):
         self.labels: list[list[int]] = []
         truncated = 0
         for conversation, ids in zip(conversations, self._tokenize(conversations), strict=True):
-            if len(ids) > max_length:
-                ids = ids[:max_length]
-                truncated += 1
+            cut = len(ids) > max_length
+            ids = ids[:max_length]
             labels = model_turn_labels(ids, self.markers)
             if all(label == IGNORE_INDEX for label in labels):
                 # All -100 would give a NaN loss: never train on it.
                 dropped["no trained tokens after truncation"] += 1
                 continue
+            truncated += cut
             self.conversations.append(conversation)
             self.input_ids.append(ids)
             self.labels.append(labels)

@@ -28,6 +28,15 @@ _CHARACTER_MAP = str.maketrans(
         "\ufeff": None,  # BOM / zero-width no-break space
         "\u00a0": " ",  # no-break space
         "\u202f": ZWNJ,  # narrow no-break space, used by some keyboards for the half-space
+        "\r": "\n",  # CR line ends become LF (CRLF is folded first)
+        # Bidi controls (LRM, RLM, ALM, embeddings, overrides, isolates): invisible, and noise to a tokenizer.
+        **dict.fromkeys(
+            ["\u200e", "\u200f", "\u061c", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))]
+        ),
+        # C0 and C1 control characters other than tab and newline.
+        **dict.fromkeys(
+            [*map(chr, range(0x00, 0x09)), "\x0b", "\x0c", *map(chr, range(0x0E, 0x20)), *map(chr, range(0x7F, 0xA0))]
+        ),
     }
 )
 # Harakat: damma/kasra tanwin, fatha, damma, kasra, shadda, sukun, superscript alef. The fatha tanwin (U+064B) is
@@ -67,7 +76,7 @@ _SUFFIX_APART = re.compile(rf"(?<={_PERSIAN_LETTER})[ ]+(ها|های|هایی|ه
 class NormalizerConfig:
     """What :func:`normalize_persian` changes. Digits are left alone unless ``digits`` asks."""
 
-    characters: bool = True  # ي/ى -> ی, ك -> ک, tatweel, ZWJ, BOM, presentation forms
+    characters: bool = True  # ي/ى -> ی, ك -> ک, tatweel, ZWJ, BOM, bidi and control characters, forms
     diacritics: bool = True
     spacing: bool = True  # spaces, ZWNJ, punctuation spacing, می/ها half-spaces
     digits: Literal["fa", "latin"] | None = None
@@ -92,7 +101,7 @@ def normalize_persian(text: str, config: NormalizerConfig = DEFAULT_NORMALIZER) 
 def _normalize_prose(text: str, config: NormalizerConfig) -> str:
     if config.characters:
         text = _PRESENTATION_FORMS.sub(lambda m: unicodedata.normalize("NFKC", m.group()), text)
-        text = text.translate(_CHARACTER_MAP)
+        text = text.replace("\r\n", "\n").translate(_CHARACTER_MAP)
     if config.diacritics:
         text = _DIACRITICS.sub("", text)
     if config.digits is not None:
