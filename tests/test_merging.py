@@ -1,6 +1,7 @@
 """merge_to_fp16: both merge bases, fidelity to base+adapter, what is written, and atomic, refusing writes."""
 
 import json
+import shutil
 
 import bitsandbytes as bnb
 import pytest
@@ -116,5 +117,14 @@ def test_a_failed_merge_leaves_nothing_that_looks_complete(trained, tmp_path, mo
 
     monkeypatch.setattr("persian_qlora.merging.render_model_card", broken_card)
     with pytest.raises(OSError, match="disk full"):
+        merge_to_fp16(base, adapter, tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_checks_free_disk_space_before_writing(trained, tmp_path, monkeypatch):
+    base, adapter = trained
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    with pytest.raises(PersianQLoRAError, match=r"not enough disk space .* needs about .* GiB and 0.00 GiB are free"):
         merge_to_fp16(base, adapter, tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []

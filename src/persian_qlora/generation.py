@@ -121,6 +121,7 @@ def load_for_inference(
     *,
     quantization: Literal["8bit", "4bit"] | None = None,
     dtype=None,
+    allow_pickle: bool = False,
     **load_kwargs: Any,
 ):
     """Load a merged model, or a base with a LoRA adapter, and its tokenizer, ready to generate.
@@ -129,11 +130,11 @@ def load_for_inference(
     ``quantization="8bit"`` (LLM.int8) or ``"4bit"`` (NF4) loads the weights quantised with bitsandbytes, leaving
     the LM head and Gemma 3n's AltUp linears unquantised as in training. The generation config stops on ``<eos>``
     and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training saved one there.
-    Returns ``(model, tokenizer)``.
+    Weights and adapters load from safetensors only unless ``allow_pickle=True``. Returns ``(model, tokenizer)``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from persian_qlora.modeling import FULL_PRECISION_MODULES, default_bnb_config, resolve_dtype
+    from persian_qlora.modeling import FULL_PRECISION_MODULES, default_bnb_config, load_adapter, resolve_dtype
 
     dtype = resolve_dtype(dtype)
     if quantization == "4bit":
@@ -146,12 +147,11 @@ def load_for_inference(
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     elif quantization is not None:
         raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: either format
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **load_kwargs)
     tokenizer_source = path_or_id
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter, allow_pickle=allow_pickle)
         if (Path(adapter) / "tokenizer_config.json").exists():
             tokenizer_source = adapter
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)

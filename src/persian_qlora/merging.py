@@ -87,6 +87,23 @@ def _check_finite(model: nn.Module, stage: str) -> None:
         )
 
 
+def _check_free_space(model: nn.Module, directory: Path) -> None:
+    """Refuse to start writing shards that cannot fit: a full disk mid-save is the worst way to find out."""
+    seen: set[int] = set()
+    needed = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.data_ptr() not in seen:  # tied weights are stored once
+            seen.add(tensor.data_ptr())
+            needed += tensor.numel() * tensor.element_size()
+    needed = int(needed * 1.05) + 50 * 2**20  # shard headers, tokenizer, card
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise PersianQLoRAError(
+            f"not enough disk space in {directory}: the merged model needs about {needed / 2**30:.2f} GiB and "
+            f"{free / 2**30:.2f} GiB are free; free some space or choose another output directory"
+        )
+
+
 def render_model_card(
     *,
     base: str,
@@ -152,6 +169,7 @@ def merge_to_fp16(
     max_shard_size: str | int = "2GB",
     overwrite: bool = False,
     verify: bool = False,
+    allow_pickle: bool = False,
     datasets: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
     **load_kwargs: Any,
@@ -162,16 +180,19 @@ def merge_to_fp16(
     one), the generation config and a model card. The directory appears only when complete; an existing one is
     refused unless ``overwrite=True``. ``quant_dtype`` (``merge_base="nf4"``) is the dtype the base was loaded in for
     4-bit quantisation during training; by default the checkpoint's own. ``verify=True`` reloads the result and
-    reports the largest absolute logit difference against base+adapter on a probe conversation.
+    reports the largest absolute logit difference against base+adapter on a probe conversation. Weights and the
+    adapter are read from safetensors only, unless ``allow_pickle=True``.
     """
-    from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from persian_qlora.modeling import load_adapter
 
     if merge_base not in ("original", "nf4"):
         raise ValueError(f"merge_base must be 'original' or 'nf4', got {merge_base!r}")
     base, adapter, output_dir = str(base), Path(adapter), Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise PersianQLoRAError(f"{output_dir} already exists; choose another directory or pass overwrite=True")
+    load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: either format
     adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base)
 
@@ -181,7 +202,7 @@ def merge_to_fp16(
         quant_dtype = quant_dtype or (getattr(torch, str(stored).removeprefix("torch.")) if stored else torch.float32)
         count = _dequantize_nf4_into(model, base, quant_dtype, load_kwargs)
         logger.info("replaced %d linear weights with their NF4 round trip", count)
-    model = PeftModel.from_pretrained(model, adapter)
+    model = load_adapter(model, adapter, allow_pickle=allow_pickle)
     reference = _probe_logits(model, tokenizer) if verify else None
     model = model.merge_and_unload()
     _check_finite(model, "after merging in fp32")
@@ -190,6 +211,7 @@ def merge_to_fp16(
     model.config.use_cache = True
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(model, output_dir.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
@@ -202,7 +224,7 @@ def merge_to_fp16(
             datasets=datasets,
             metrics=metrics,
         )
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "README.md").write_text(card, encoding="utf-8")  # inside staging: atomic with the rest
         max_diff = None
         if reference is not None:
             reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "build_qlora_model",
     "default_bnb_config",
     "language_model_targets",
+    "load_adapter",
     "resolve_dtype",
 ]
 
@@ -112,6 +114,23 @@ def language_model_targets(model: nn.Module, names: tuple[str, ...] | list[str])
     return targets
 
 
+def load_adapter(model: nn.Module, adapter: str | Path, *, allow_pickle: bool = False):
+    """``PeftModel.from_pretrained``, refusing a pickled ``adapter_model.bin`` unless ``allow_pickle=True``.
+
+    peft falls back to the pickle silently when no safetensors file is there; unpickling runs code from the file.
+    """
+    from peft import PeftModel
+
+    path = Path(adapter)
+    pickled_only = (path / "adapter_model.bin").exists() and not (path / "adapter_model.safetensors").exists()
+    if pickled_only and not allow_pickle:
+        raise PersianQLoRAError(
+            f"{path} holds only a pickled adapter_model.bin, and loading pickles can run code; convert it to "
+            "safetensors, or pass allow_pickle=True if you trust its source"
+        )
+    return PeftModel.from_pretrained(model, adapter)
+
+
 def _prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:
     """Freeze the base and enable gradient checkpointing, *without* upcasting anything.
 
@@ -151,6 +170,7 @@ def _build(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
     model = AutoModelForCausalLM.from_pretrained(
         model_id_or_path, dtype=dtype, quantization_config=quantization_config, **load_kwargs
     )
@@ -187,7 +207,8 @@ def build_qlora_model(
     ``peft.LoraConfig`` (a list of target names in it is also confined to the language model). ``bnb_config``
     replaces :func:`default_bnb_config`. ``dtype`` is the compute dtype (default: bf16 on a capable GPU, fp32
     otherwise) and the dtype of the unquantised weights. Other keyword arguments go to ``from_pretrained``
-    (``device_map``, ``attn_implementation``, ``revision``...).
+    (``device_map``, ``attn_implementation``, ``revision``...); weights load from safetensors only unless
+    ``use_safetensors=None`` is passed.
     Returns the ``peft.PeftModel``.
     """
     dtype = resolve_dtype(dtype)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from persian_qlora._files import atomic_write_text
+
 __all__ = ["environment", "table_lines", "write_report"]
 
 _PACKAGES = ("persian-qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "sacrebleu")
@@ -201,6 +203,6 @@ def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int
         *_samples(report, samples),
         "",
     ]
-    (output_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    (output_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    atomic_write_text(output_dir / "report.json", json.dumps(report, ensure_ascii=False, indent=2))
+    atomic_write_text(output_dir / "report.md", "\n".join(lines))
     return output_dir / "report.md"

@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from persian_qlora._files import atomic_write_text
 from persian_qlora.collator import GemmaChatCollator
 from persian_qlora.errors import NonFiniteError
 from persian_qlora.masking import IGNORE_INDEX
@@ -114,7 +115,7 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             output = Path(args.output_dir)
             output.mkdir(parents=True, exist_ok=True)
-            (output / METRICS_FILE).write_text(json.dumps(self.summary(state), indent=2), encoding="utf-8")
+            atomic_write_text(output / METRICS_FILE, json.dumps(self.summary(state), indent=2))
             write_training_charts(state.log_history, output)
 
     def _checkpoint_time(self) -> None:
