@@ -117,3 +117,16 @@ def test_run_config_layers_recipe_yaml_and_overrides(tmp_path):
         RunConfig.load(None, {"learning_rate": "fast"})
     with pytest.raises(ValueError, match="method must be"):
         RunConfig.load(None, {"method": "full"})
+
+
+def test_output_dir_from_a_config_is_resolved_and_checked(tmp_path, monkeypatch):
+    from persian_qlora.training import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert RunConfig.load(None, {"output_dir": "runs/x"}).train.output_dir == str(tmp_path / "runs" / "x")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        RunConfig.load(None, {"output_dir": "a_file"})
+    for bad in ("/", "~"):
+        with pytest.raises(ValueError, match="root or home"):
+            RunConfig.load(None, {"output_dir": bad})

@@ -300,10 +300,24 @@ class RunConfig:
                 setattr(config.train, key, _like(getattr(config.train, key), value, key))
             else:
                 config.train.extra[key] = _like(hf_defaults.get(key), value, key)
+        config.train.output_dir = str(_checked_output_dir(config.train.output_dir))
         if config.method not in ("qlora", "lora"):
             raise ValueError(f"method must be 'qlora' or 'lora', got {config.method!r}")
         config.train.training_arguments()  # fail now, not hours later, on a misspelt TrainingArguments field
         return config
+
+
+def _checked_output_dir(value: str | Path) -> Path:
+    """Resolve ``output_dir`` (``~`` and relative parts) and refuse places that cannot be a run directory.
+
+    Everything a run writes (checkpoints, adapter, metrics, a tiny base) goes under this one directory.
+    """
+    path = Path(value).expanduser().resolve()
+    if path.is_file():
+        raise ValueError(f"output_dir {path} is a file, not a directory")
+    if path == Path(path.anchor) or path == Path.home():
+        raise ValueError(f"output_dir {path} would scatter a run over a root or home directory; use a subdirectory")
+    return path
 
 
 def _like(default: Any, value: Any, key: str) -> Any:
