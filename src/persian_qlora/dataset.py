@@ -279,6 +279,11 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
             "was corrupted on its way into the file; repair or drop it",
             index,
         ) from None
+    return content
+
+
+def _reject_control_tokens(content: str, where: str, index: int) -> None:
+    # Checked after normalisation, which could otherwise assemble a token from "<start_\u200dof_turn>".
     for token in _CONTROL_TOKENS:
         if token in content:
             raise InvalidRecordError(
@@ -288,7 +293,6 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
                 "remove it from the data",
                 index,
             )
-    return content
 
 
 def clean_conversation(
@@ -326,6 +330,7 @@ def clean_conversation(
         content = _content_of(message, where, index)
         if normalizer is not None:
             content = normalize_persian(content, normalizer)
+        _reject_control_tokens(content, where, index)
         content = content.strip()
         if not content:
             counts.empty_messages_dropped += 1
