@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU torch for development and CI (installs from local disk here); the package itself accepts a range.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench package-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ bench: install
 	$(BIN)/python benchmarks/prepare_throughput.py
 	$(BIN)/python benchmarks/kbit_preparation_memory.py
 	$(BIN)/python benchmarks/inference.py
+
+# Build the sdist and wheel, check them, install the wheel alone into a fresh venv (CPU torch) and run the
+# offline demo from it: the corpus and the tokenizer build must come from the wheel, not from this checkout.
+WHEEL_VENV ?= build/wheel-venv
+package-check: install
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/*.whl
+	mkdir -p build
+	cd build && ../$(WHEEL_VENV)/bin/python -c "import persian_qlora, sys; print('import ok', persian_qlora.__version__, persian_qlora.__file__)"
+	cd build && ../$(WHEEL_VENV)/bin/persian-qlora --help > /dev/null
+	cd build && ../$(WHEEL_VENV)/bin/persian-qlora demo --output-dir wheel-demo
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

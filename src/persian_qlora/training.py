@@ -343,11 +343,14 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
     output_dir = Path(config.train.output_dir)
     model_path, data = config.model, config.data
     if config.tiny:
+        from accelerate import PartialState
+
         from persian_qlora.testing import build_tiny_gemma
 
         model_path = str(output_dir / "tiny-base")
-        if not (output_dir / "tiny-base" / "config.json").exists():
-            build_tiny_gemma(model_path, "gemma3")
+        with PartialState().main_process_first():  # under `accelerate launch`, rank 0 builds it, the others wait
+            if not (output_dir / "tiny-base" / "config.json").exists():
+                build_tiny_gemma(model_path, "gemma3")
         data = str(bundled_corpus_path("train"))
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
