@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU torch for development and CI (installs from local disk here); the package itself accepts a range.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench package-check clean
+.PHONY: install demo test lint bench docs package-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: install
 	$(BIN)/python benchmarks/prepare_throughput.py
 	$(BIN)/python benchmarks/kbit_preparation_memory.py
 	$(BIN)/python benchmarks/inference.py
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
 
 # Build the sdist and wheel, check them, install the wheel alone into a fresh venv (CPU torch) and run the
 # offline demo from it: the corpus and the tokenizer build must come from the wheel, not from this checkout.
