@@ -128,3 +128,32 @@ def test_merge_checks_free_disk_space_before_writing(trained, tmp_path, monkeypa
     with pytest.raises(PersianQLoRAError, match=r"not enough disk space .* needs about .* GiB and 0.00 GiB are free"):
         merge_to_fp16(base, adapter, tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_card_has_valid_hub_metadata(trained, tmp_path):
+    from huggingface_hub import ModelCard
+
+    base, adapter = trained
+    merge_to_fp16(base, adapter, tmp_path / "m", datasets=["mshojaei77/persian-gk"], metrics={"final_loss": 1.25})
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == str(base) and data["language"] == ["fa"] and data["license"] == "gemma"
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"persian", "lora", "persian-qlora"} <= set(data["tags"]) and data["datasets"] == ["mshojaei77/persian-gk"]
+    assert "| final_loss | 1.25 |" in card.text and "Gemma Terms of Use" in card.text
+
+
+def test_push_to_hub_is_refused_offline_and_leaves_the_model(trained, tmp_path, monkeypatch):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from persian_qlora.merging import push_to_hub
+
+    base, adapter = trained
+    out = merge_to_fp16(base, adapter, tmp_path / "m").output_dir
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineModeIsEnabled):
+        push_to_hub(out, "someone/persian-gemma")
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(PersianQLoRAError, match="no README.md model card"):
+        push_to_hub(tmp_path, "someone/persian-gemma")

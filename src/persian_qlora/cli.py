@@ -221,6 +221,11 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
     print(f"merged {args.adapter} into {base} ({args.merge_base} base, {args.dtype}) -> {result.output_dir}")
     if result.max_abs_logit_diff is not None:
         print(f"verify: max |logit difference| merged vs base+adapter = {result.max_abs_logit_diff:.3g}")
+    if args.push_to_hub:
+        from persian_qlora.merging import push_to_hub
+
+        url = push_to_hub(result.output_dir, args.push_to_hub, private=not args.public)
+        print(f"pushed to {args.push_to_hub}: {url}")
     return 0
 
 
@@ -267,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="2GB")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--verify", action="store_true", help="compare merged and base+adapter logits")
+    merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model and its card to the hub")
+    merge.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
     merge.set_defaults(run=_merge)
 
     comparison = commands.add_parser(
@@ -312,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.run(args, extra)
-    except (PersianQLoRAError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (PersianQLoRAError, FileNotFoundError, FileExistsError, ValueError, ConnectionError) as err:
         print(f"persian-qlora: error: {err}", file=sys.stderr)
         return 2
 

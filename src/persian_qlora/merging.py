@@ -26,7 +26,7 @@ from torch import nn
 
 from persian_qlora.errors import PersianQLoRAError
 
-__all__ = ["MergeResult", "merge_to_fp16", "render_model_card"]
+__all__ = ["MergeResult", "merge_to_fp16", "push_to_hub", "render_model_card"]
 
 logger = logging.getLogger("persian_qlora")
 
@@ -241,3 +241,20 @@ def merge_to_fp16(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return MergeResult(output_dir=output_dir, merge_base=merge_base, dtype=dtype, max_abs_logit_diff=max_diff)
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, token: str | None = None) -> str:
+    """Upload a merged model (or an adapter) directory, model card included, to a hub model repository.
+
+    Creates the repository if needed (private by default) and returns the commit URL. The token comes from
+    ``token``, ``HF_TOKEN`` or the cached login, through huggingface_hub; it is never written anywhere. With
+    ``HF_HUB_OFFLINE=1`` huggingface_hub refuses, and the local directory is left as it was.
+    """
+    from huggingface_hub import create_repo, upload_folder
+
+    folder = Path(folder)
+    if not (folder / "README.md").exists():
+        raise PersianQLoRAError(f"{folder} has no README.md model card; push a directory written by merge_to_fp16")
+    create_repo(repo_id, private=private, exist_ok=True, token=token)
+    info = upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message="Upload with persian-qlora")
+    return str(info.commit_url)
