@@ -90,3 +90,26 @@ def _weight_of(layer):
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).clone()
     return layer.weight.detach().clone()
+
+
+def test_quant_storage_for_fsdp_qlora(tiny_gemma3_path):
+    from persian_qlora.modeling import default_bnb_config
+
+    config = default_bnb_config(torch.bfloat16, quant_storage="bfloat16")
+    assert (
+        config.bnb_4bit_quant_storage == torch.bfloat16 and default_bnb_config().bnb_4bit_quant_storage == torch.uint8
+    )
+    model = build_qlora_model(tiny_gemma3_path, bnb_config=config, dtype=torch.bfloat16)
+    packed = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
+    assert packed == {torch.bfloat16}  # every parameter now shares one dtype, as FSDP needs
+
+
+def test_accelerate_configs_load(tmp_path):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((Path(__file__).parents[1] / "examples" / "accelerate").glob("*.yaml"))
+    assert [c.stem for c in configs] == ["ddp", "deepspeed_zero2", "fsdp_qlora"]
+    kinds = {c.stem: load_config_from_file(str(c)).distributed_type.name for c in configs}
+    assert kinds == {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp_qlora": "FSDP"}

@@ -130,3 +130,18 @@ def test_output_dir_from_a_config_is_resolved_and_checked(tmp_path, monkeypatch)
     for bad in ("/", "~"):
         with pytest.raises(ValueError, match="root or home"):
             RunConfig.load(None, {"output_dir": bad})
+
+
+def test_report_to_tensorboard_logs_loss_offline(tiny_gemma3_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma3_path)
+    dataset = PersianChatDataset.bundled(tokenizer, max_length=128)
+    config = _small_config(tmp_path, max_steps=3, extra={"disable_tqdm": True, "report_to": ["tensorboard"]})
+    make_trainer(build_lora_model(tiny_gemma3_path), tokenizer, dataset, config=config).train()
+    events = [p for p in tmp_path.rglob("events.out.tfevents.*")]
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3]
+    assert "train/grad_norm" in accumulator.Tags()["scalars"]

@@ -246,6 +246,8 @@ def merge_to_fp16(
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, token: str | None = None) -> str:
     """Upload a merged model (or an adapter) directory, model card included, to a hub model repository.
 
+    Training leftovers in an adapter directory (checkpoints, optimizer state, pickled training arguments) stay
+    behind.
     Creates the repository if needed (private by default) and returns the commit URL. The token comes from
     ``token``, ``HF_TOKEN`` or the cached login, through huggingface_hub; it is never written anywhere. With
     ``HF_HUB_OFFLINE=1`` huggingface_hub refuses, and the local directory is left as it was.

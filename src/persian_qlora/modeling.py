@@ -82,15 +82,22 @@ def resolve_dtype(requested: torch.dtype | str | None = None) -> torch.dtype:
     return torch.float32
 
 
-def default_bnb_config(compute_dtype: torch.dtype | None = None):
-    """NF4 with double quantisation, as in the QLoRA paper; AltUp linears and the LM head stay unquantised."""
+def default_bnb_config(compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | str | None = None):
+    """NF4 with double quantisation, as in the QLoRA paper; AltUp linears and the LM head stay unquantised.
+
+    ``quant_storage`` is the dtype the packed 4-bit weights are stored in (default uint8). FSDP-QLoRA needs it
+    equal to the dtype of the other weights (bf16), so that FSDP can flatten all parameters together.
+    """
     from transformers import BitsAndBytesConfig
 
+    if isinstance(quant_storage, str):
+        quant_storage = getattr(torch, quant_storage.removeprefix("torch."))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=resolve_dtype(compute_dtype),
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
         llm_int8_skip_modules=list(FULL_PRECISION_MODULES),
     )
 

@@ -263,6 +263,7 @@ class RunConfig:
     data: str = "mshojaei77/persian-gk"
     split: str = "train"
     tiny: bool = False
+    quant_storage: str | None = None  # QLoRA only: "bfloat16" for FSDP-QLoRA (see docs/multi-gpu.md)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -338,7 +339,7 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
     from transformers import AutoTokenizer, set_seed
 
     from persian_qlora.dataset import PersianChatDataset, bundled_corpus_path
-    from persian_qlora.modeling import build_lora_model, build_qlora_model
+    from persian_qlora.modeling import build_lora_model, build_qlora_model, default_bnb_config
 
     output_dir = Path(config.train.output_dir)
     model_path, data = config.model, config.data
@@ -357,8 +358,11 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
     dataset = PersianChatDataset(data, tokenizer, split=config.split, max_length=config.train.max_length)
     logger.info("training data:\n%s", dataset.stats)
     builder = build_qlora_model if config.method == "qlora" else build_lora_model
+    extra: dict[str, Any] = {}
+    if config.method == "qlora" and config.quant_storage:
+        extra["bnb_config"] = default_bnb_config(quant_storage=config.quant_storage)
     set_seed(config.train.seed)  # LoRA's A matrices are random: the same seed gives the same run
-    model = builder(model_path, lora=config.lora)
+    model = builder(model_path, lora=config.lora, **extra)
     trainer = make_trainer(model, tokenizer, dataset, config=config.train, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model()
