@@ -2,6 +2,7 @@
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_masking import _trained_spans  # pytest puts tests/ on sys.path
 
 from persian_qlora import GemmaChatCollator, PersianChatDataset, PersianQLoRAError
 from persian_qlora.masking import IGNORE_INDEX
@@ -26,18 +27,6 @@ chats = st.builds(
 messages = st.one_of(anything, chats)
 
 
-def _spans(labels):
-    spans, current = [], []
-    for label in [*labels, IGNORE_INDEX]:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    return spans
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages)
 def test_only_model_turns_are_trained(conversation):
@@ -48,7 +37,7 @@ def test_only_model_turns_are_trained(conversation):
     cleaned = dataset.conversations[0]
     item = dataset[0]
     expected = [m["content"] + "<end_of_turn>" for m in cleaned if m["role"] == "assistant"]
-    assert [TOKENIZER.decode(span) for span in _spans(item["labels"])] == expected
+    assert [TOKENIZER.decode(span) for span in _trained_spans(item["labels"])] == expected
     # Every trained token is an input token at the same place, and the collator agrees from the ids alone.
     assert all(label in (IGNORE_INDEX, token) for label, token in zip(item["labels"], item["input_ids"], strict=True))
     batch = GemmaChatCollator(TOKENIZER)([{"input_ids": item["input_ids"]}])
