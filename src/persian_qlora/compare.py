@@ -131,14 +131,13 @@ def _run_method(method: str, config: CompareConfig, model_path: str, train_sourc
         model = builder(model_path, lora=run.lora)
     before = evaluate(model)  # LoRA B starts at zero: this is the base model as loaded
     trainer = make_trainer(model, tokenizer, train, config=train_config)
-    with PhaseMeter() as training:
-        trainer.train()
+    trainer.train()  # its RunMetricsCallback measures the phase: time, peak memory, tokens/s
     trainer.save_model()
     after = evaluate(model)
     result = {
         "method": method,
         "load": asdict(load.result),
-        "train": {**asdict(training.result), **trainer.run_metrics.summary(trainer.state)},
+        "train": trainer.run_metrics.summary(trainer.state),
         "before": before,
         "after": after,
         "references": references,

@@ -60,7 +60,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {_LABELS.get(run['method'], run['method'])} | {before['bleu']:.2f} | {after['bleu']:.2f} "
             f"| {before['rouge_l']:.2f} | {after['rouge_l']:.2f} | {before['chrf']:.2f} | {after['chrf']:.2f} "
-            f"| {_gb(train):.2f} | {train['seconds']:.1f} | {train['trained_tokens_per_second']:.0f} |"
+            f"| {_gb(train):.2f} | {train['train_seconds']:.1f} | {train['trained_tokens_per_second']:.0f} |"
         )
         if "merged" in run:
             merged = run["merged"]
@@ -145,7 +145,7 @@ def _charts(report: dict[str, Any], output_dir: Path) -> list[str]:
     labels = [run["method"] for run in runs]
     figures = (
         ("peak memory in training (GB)", [_gb(run["train"]) for run in runs]),
-        ("training time (s)", [run["train"]["seconds"] for run in runs]),
+        ("training time (s)", [run["train"]["train_seconds"] for run in runs]),
         ("trained tokens/s", [run["train"]["trained_tokens_per_second"] or 0 for run in runs]),
     )
     for ax, (title, values) in zip(axes, figures, strict=True):

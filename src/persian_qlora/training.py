@@ -92,11 +92,16 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
 
     def __init__(self) -> None:
         self.trained_tokens = 0
-        self.train_seconds = 0.0
-        self._started = 0.0
+        self.train_seconds = 0.0  # completed seconds: restored on resume, final after train()
+        self._started: float | None = None
 
-    def state(self) -> dict[str, Any]:
-        return {"args": {}, "attributes": {"trained_tokens": self.trained_tokens, "train_seconds": self.train_seconds}}
+    def elapsed(self) -> float:
+        """Training seconds so far, across resumes."""
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self.train_seconds + running
+
+    def state(self) -> dict[str, Any]:  # saved in every checkpoint
+        return {"args": {}, "attributes": {"trained_tokens": self.trained_tokens, "train_seconds": self.elapsed()}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -106,22 +111,14 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
         self._meter = PhaseMeter().__enter__()
         self._started = time.perf_counter()
 
-    def on_save(self, args, state, control, **kwargs):
-        self._checkpoint_time()
-
     def on_train_end(self, args, state, control, **kwargs):
-        self._checkpoint_time()
+        self.train_seconds, self._started = self.elapsed(), None
         self._meter.__exit__(None, None, None)
         if state.is_world_process_zero:
             output = Path(args.output_dir)
             output.mkdir(parents=True, exist_ok=True)
             atomic_write_text(output / METRICS_FILE, json.dumps(self.summary(state), indent=2))
             write_training_charts(state.log_history, output)
-
-    def _checkpoint_time(self) -> None:
-        now = time.perf_counter()
-        self.train_seconds += now - self._started
-        self._started = now
 
     def summary(self, state) -> dict[str, Any]:
         steps = [
@@ -169,6 +166,8 @@ class _Trainer(Trainer):
     def __init__(self, *args: Any, run_metrics: RunMetricsCallback, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.run_metrics = run_metrics
+        self._step_tokens: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
@@ -178,22 +177,26 @@ class _Trainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.run_metrics.trained_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._check_finite("loss", loss)
+        # Accumulated on the device, read once per optimizer step below: no extra sync per micro-step.
+        trained = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+        self._step_tokens = trained if self._step_tokens is None else self._step_tokens + trained
+        self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         return loss
 
-    def _clip_grad_norm(self, model):
-        grad_norm = super()._clip_grad_norm(model)
-        if grad_norm is not None:
-            self._check_finite("gradient norm", grad_norm)
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Called once per optimizer step, before the update: count tokens, and stop on a non-finite value."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        tokens, loss = self._step_tokens, self._step_loss
+        self._step_tokens = self._step_loss = None
+        if tokens is not None:
+            self.run_metrics.trained_tokens += int(tokens)
+        # Trainer's logging_nan_inf_filter only hides a NaN loss from the logs; here it stops the run.
+        for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if value is not None and not math.isfinite(float(value)):
+                step = self.state.global_step + 1
+                raise NonFiniteError(step, what, float(value), latest_checkpoint(self.args.output_dir))
         return grad_norm
-
-    def _check_finite(self, what: str, value: torch.Tensor | float) -> None:
-        # Trainer's logging_nan_inf_filter hides a NaN loss from the logs; here it stops the run instead.
-        number = float(value)
-        if not math.isfinite(number):
-            raise NonFiniteError(self.state.global_step + 1, what, number, latest_checkpoint(self.args.output_dir))
 
 
 def make_trainer(
