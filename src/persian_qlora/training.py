@@ -18,10 +18,12 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import unwrap_peft_model
 
 from persian_qlora._files import atomic_write_text
 from persian_qlora.collator import GemmaChatCollator
 from persian_qlora.errors import NonFiniteError
+from persian_qlora.loss import DEFAULT_CHUNK_SIZE, chunked_causal_lm_loss, final_hidden_states
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.measure import PhaseMeter
 from persian_qlora.modeling import LoraSettings
@@ -47,6 +49,11 @@ class TrainConfig:
 
     ``extra`` takes any other ``transformers.TrainingArguments`` field (e.g. ``{"bf16": True}``); it wins over the
     fields here. ``max_length`` is applied by the dataset, not the trainer.
+
+    Three settings beyond the recipe save time and memory without changing what is learnt (docs/benchmarks.md has
+    the measurements): ``padding_free`` puts each micro-batch's conversations in one row with no padding (off, the
+    trainer groups conversations of similar length instead); ``lean_loss`` projects only the labelled positions onto
+    the vocabulary, ``loss_chunk_size`` rows at a time (:func:`~persian_qlora.loss.chunked_causal_lm_loss`).
     """
 
     output_dir: str = "runs/persian-qlora"
@@ -64,6 +71,9 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 50
     save_total_limit: int | None = 2
+    padding_free: bool = True
+    lean_loss: bool = True
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE
     extra: dict[str, Any] = field(default_factory=dict)
 
     def training_arguments(self) -> TrainingArguments:
@@ -71,8 +81,10 @@ class TrainConfig:
         unknown = sorted(set(self.extra) - known)
         if unknown:
             raise ValueError(f"not TrainingArguments fields: {unknown}")
-        values = {k: v for k, v in asdict(self).items() if k not in ("extra", "max_length")}
+        values = {k: v for k, v in asdict(self).items() if k not in _NOT_TRAINING_ARGUMENTS}
         values.update(
+            # Without packing, batching conversations of similar length keeps padding down.
+            train_sampling_strategy="random" if self.padding_free else "group_by_length",
             save_strategy="steps",
             report_to="none",
             label_names=["labels"],  # a PeftModel hides the forward signature Trainer would read them from
@@ -80,6 +92,9 @@ class TrainConfig:
         )
         values.update(self.extra)
         return TrainingArguments(**values)
+
+
+_NOT_TRAINING_ARGUMENTS = ("extra", "max_length", "padding_free", "lean_loss", "loss_chunk_size")
 
 
 class RunMetricsCallback(TrainerCallback, ExportableState):
@@ -160,12 +175,22 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
 
 
 class _Trainer(Trainer):
-    """``Trainer`` that counts trained tokens, stops on a non-finite loss or gradient norm before the optimizer
-    step, and resumes only from complete checkpoints."""
+    """``Trainer`` that computes the lean loss, counts trained tokens, stops on a non-finite loss or gradient norm
+    before the optimizer step, and resumes only from complete checkpoints."""
 
-    def __init__(self, *args: Any, run_metrics: RunMetricsCallback, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, run_metrics: RunMetricsCallback, lean_loss: bool, loss_chunk_size: int, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.run_metrics = run_metrics
+        self.loss_chunk_size = loss_chunk_size
+        # FSDP and ZeRO-3 shard the LM head's weight outside the model's forward, where the lean loss calls it.
+        sharded = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if lean_loss and sharded:
+            logger.warning("lean_loss is off under FSDP and DeepSpeed ZeRO-3: the plain loss is used")
+        self.lean_loss = lean_loss and not sharded
         self._step_tokens: torch.Tensor | None = None
         self._step_loss: torch.Tensor | None = None
 
@@ -175,6 +200,25 @@ class _Trainer(Trainer):
             if resume_from_checkpoint is None:
                 logger.warning("no complete checkpoint in %s: training from the start", self.args.output_dir)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # No KV cache in training: with one, sdpa/eager attention would cross packed conversations' boundaries.
+        inputs = {**inputs, "use_cache": False}
+        if not self.lean_loss or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        causal_lm = unwrap_peft_model(self.accelerator.unwrap_model(model))
+        loss = chunked_causal_lm_loss(
+            final_hidden_states(model, causal_lm, **inputs),
+            labels,
+            causal_lm.get_output_embeddings(),
+            softcap=causal_lm.config.get_text_config().final_logit_softcapping,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.loss_chunk_size,
+        )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
+        return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -210,7 +254,8 @@ def make_trainer(
 ) -> Trainer:
     """A ``transformers.Trainer`` for a model from :func:`build_qlora_model` / :func:`build_lora_model`.
 
-    It uses :class:`GemmaChatCollator` (with ``token_type_ids`` where the model needs them), logs loss, grad
+    It uses :class:`GemmaChatCollator` (padding-free by default, with ``token_type_ids`` where the model needs
+    them) and the lean loss (see :class:`TrainConfig`), logs loss, grad
     norm and learning rate every step, checkpoints every ``save_steps``, and records run metrics
     (:class:`RunMetricsCallback`, also at ``trainer.run_metrics``). ``trainer.train(resume_from_checkpoint=True)``
     resumes the latest checkpoint in ``output_dir``. Save the adapter and tokenizer with ``trainer.save_model()``.
@@ -220,12 +265,14 @@ def make_trainer(
     return _Trainer(
         model=model,
         args=config.training_arguments(),
-        data_collator=GemmaChatCollator.for_model(tokenizer, model),
+        data_collator=GemmaChatCollator.for_model(tokenizer, model, padding_free=config.padding_free),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[run_metrics, *(callbacks or [])],
         run_metrics=run_metrics,
+        lean_loss=config.lean_loss,
+        loss_chunk_size=config.loss_chunk_size,
     )
 
 

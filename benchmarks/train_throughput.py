@@ -1,0 +1,228 @@
+"""QLoRA training throughput and peak memory: TRL's SFTTrainer baseline against persian-qlora's defaults.
+
+Same model, same conversations, same labels, same number of optimizer steps (the padded settings batch by length,
+the others in the same random order); each setting runs in a fresh process so that its peak memory is its own. The
+model is a small-but-wide Gemma 3 with Gemma's full 262,144-token vocabulary, where the LM head and the loss
+dominate, as they do for Gemma-3-1B. The data are multi-turn
+conversations chained from the bundled corpus to a persian-gk-like length distribution (log-normal, mean about 310
+tokens, a tail to 4000).
+
+Settings:
+  baseline        TRL SFTTrainer, default SFTConfig but for the recipe's batch 2 x grad-accum 4, max_length 4000
+                  (the default 1024 would cut the tail, so the sides would see different tokens), the recipe's
+                  optimizer, and bf16 as ours (fp32 on CPU). It gets our model-turn labels (SFTTrainer uses a
+                  `labels` column as is), so both sides learn the same thing; it pads each batch and computes
+                  logits at every position.
+  padded          persian-qlora, padding_free=False (grouped by length), lean_loss=False
+  padded + lean   persian-qlora, padding_free=False, lean_loss=True
+  packed          persian-qlora, padding_free=True, lean_loss=False
+  defaults        persian-qlora's defaults: padding_free=True, lean_loss=True
+
+Real tokens are non-pad input tokens; every setting processes the same ones. Their fraction is real / computed
+positions. Memory: peak RSS of the process on CPU, CUDA max allocated/reserved on a GPU.
+
+    python benchmarks/train_throughput.py                    # the full table (about 20 minutes on 2 CPU cores)
+    python benchmarks/train_throughput.py --conversations 16 --settings baseline defaults   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SETTINGS = {
+    "baseline": None,
+    "padded": {"padding_free": False, "lean_loss": False},
+    "padded + lean": {"padding_free": False, "lean_loss": True},
+    "packed": {"padding_free": True, "lean_loss": False},
+    "defaults": {},
+}
+BATCH, ACCUMULATION = 2, 4
+WIDE_GEMMA = dict(
+    vocab_size=262_144,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    sliding_window=512,
+)
+
+
+def lognormal_targets(count: int, mean: float = 310.0, sigma: float = 1.0, cap: int = 4000) -> list[int]:
+    """Evenly spaced quantiles of a log-normal with this mean: deterministic, and the tail is always there."""
+    from statistics import NormalDist
+
+    mu = math.log(mean) - sigma**2 / 2
+    quantiles = [NormalDist(mu, sigma).inv_cdf((i + 0.5) / count) for i in range(count)]
+    return [min(cap, max(32, round(math.exp(q)))) for q in quantiles]
+
+
+def build_conversations(tokenizer, count: int, seed: int) -> list[dict]:
+    """Chain bundled conversations (system prompts dropped) into one until it reaches its target length."""
+    from persian_qlora import PersianChatDataset
+
+    pool = PersianChatDataset.bundled(tokenizer).conversations
+    rng = random.Random(seed)
+    targets = lognormal_targets(count)
+    rng.shuffle(targets)
+    records = []
+    for target in targets:
+        messages, length = [], 0
+        while length < target:
+            turns = [m for m in rng.choice(pool) if m["role"] != "system"]
+            messages += turns
+            length += len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False)) - 1
+        records.append({"messages": messages})
+    return records
+
+
+def prepare(workdir: Path, count: int) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from persian_qlora import PersianChatDataset
+    from persian_qlora.testing import build_tiny_gemma
+
+    build_tiny_gemma(workdir / "model", "gemma3", **WIDE_GEMMA)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    dataset = PersianChatDataset(build_conversations(tokenizer, count, seed=0), tokenizer, max_length=4000)
+    Dataset.from_list([dataset[i] for i in range(len(dataset))]).save_to_disk(workdir / "data")
+    lengths = sorted(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+    labelled = sum(sum(label != -100 for label in dataset[i]["labels"]) for i in range(len(dataset)))
+    print(
+        f"data: {len(lengths)} conversations, {sum(lengths)} tokens; mean {sum(lengths) / len(lengths):.0f}, "
+        f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}; {labelled / sum(lengths):.0%} in model turns"
+    )
+
+
+class CountingCollator:
+    """Wraps a collator to count real (non-pad) tokens and computed positions."""
+
+    def __init__(self, collate, pad_token_id: int) -> None:
+        self.collate, self.pad_token_id = collate, pad_token_id
+        self.real = self.computed = 0
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        self.computed += batch["input_ids"].numel()
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch
+
+
+def worker(workdir: Path, setting: str, chunk_size: int | None) -> dict:
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from persian_qlora.measure import PhaseMeter
+    from persian_qlora.modeling import build_qlora_model
+    from persian_qlora.training import TrainConfig, make_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    data = load_from_disk(str(workdir / "data"))
+    steps = len(data) // (BATCH * ACCUMULATION)
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    torch.manual_seed(0)
+    model = build_qlora_model(str(workdir / "model"))
+    common = dict(
+        output_dir=str(workdir / "runs" / setting.replace(" ", "")),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATION,
+        max_steps=steps,
+        optim="adamw_bnb_8bit",
+        logging_steps=1,
+        seed=3407,
+    )
+    if SETTINGS[setting] is None:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common, max_length=4000, bf16=bf16, save_strategy="no", report_to="none", disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    else:
+        settings = dict(SETTINGS[setting])
+        if chunk_size:
+            settings["loss_chunk_size"] = chunk_size
+        extra = {"bf16": bf16, "save_strategy": "no", "disable_tqdm": True}
+        config = TrainConfig(**common, learning_rate=2e-5, warmup_steps=10, extra=extra, **settings)
+        trainer = make_trainer(model, tokenizer, data, config=config)
+    trainer.data_collator = counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
+    with PhaseMeter() as meter:
+        trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "setting": setting,
+        "steps": trainer.state.global_step,
+        "seconds": meter.result.seconds,
+        "real_tokens": counter.real,
+        "computed_positions": counter.computed,
+        "memory": meter.result.memory,
+        "peak_gb": meter.result.peak_gb,
+        "first_loss": losses[0] if losses else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", type=int, default=48, help="a multiple of 8 (batch 2 x accumulation 4)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--chunk-size", type=int, help="loss_chunk_size for the lean loss (default: the library's)")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        args.result.write_text(json.dumps(worker(args.workdir, args.worker, args.chunk_size)))
+        return
+
+    import torch
+    import transformers
+    import trl
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    prepare(workdir, args.conversations)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    print(f"device: {device}; {versions}")
+    results = {}
+    for setting in args.settings:
+        result_file = workdir / f"{setting.replace(' ', '')}.json"
+        command = [sys.executable, __file__, "--worker", setting, "--workdir", str(workdir)]
+        command += ["--result", str(result_file)]
+        if args.chunk_size:
+            command += ["--chunk-size", str(args.chunk_size)]
+        subprocess.run(command, check=True)
+        results[setting] = json.loads(result_file.read_text())
+
+    print("\n| setting | optimizer steps | real-token fraction | real tokens/s | peak memory (GB) | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        r["fraction"] = r["real_tokens"] / r["computed_positions"]
+        r["tokens_per_second"] = r["real_tokens"] / r["seconds"]
+        print(
+            f"| {name} | {r['steps']} | {r['fraction']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_gb']:.2f} "
+            f"| {r['seconds']:.1f} |"
+        )
+    if "baseline" in results and len(results) > 1:
+        base = results["baseline"]
+        print("\nratios to the baseline (targets for the defaults: tokens/s >= 2.0, peak memory <= 0.5)")
+        for name, r in results.items():
+            if name != "baseline":
+                speed = r["tokens_per_second"] / base["tokens_per_second"]
+                print(f"- {name}: tokens/s x{speed:.2f}, peak memory x{r['peak_gb'] / base['peak_gb']:.2f}")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {workdir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

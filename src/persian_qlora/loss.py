@@ -1,0 +1,78 @@
+"""A lean causal-LM loss for Gemma's 262,144-token vocabulary: logits only where a label is, a chunk at a time.
+
+The plain loss projects every position onto the vocabulary: for 2 × 4000 tokens that is 2.1 G logits, 8 GB in fp32,
+before its log-softmax and gradient. In chat data most positions are prompt and carry no label. Here only the
+labelled positions are projected, ``chunk_size`` rows at a time, and each chunk is recomputed in the backward pass
+instead of being kept, so peak memory is O(chunk_size × vocab) whatever the batch. transformers' ``logits_to_keep``
+selects positions but still materialises them all at once, and TRL's chunked losses need its own trainer and data
+format; this small function fits our ``Trainer`` and turn labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from persian_qlora.masking import IGNORE_INDEX
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "chunked_causal_lm_loss", "final_hidden_states"]
+
+DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: 1 GiB of fp32 logits at Gemma's vocabulary
+
+_NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the model projects no position
+
+
+def final_hidden_states(model: torch.nn.Module, causal_lm, **inputs) -> torch.Tensor:
+    """Run ``model`` (``causal_lm`` itself, or it wrapped by peft/DDP) and return what its LM head would read.
+
+    The model's own forward runs, so wrappers and their hooks work as usual, but it projects no position onto the
+    vocabulary (``logits_to_keep`` empty). The states come from the decoder's ``last_hidden_state``: for Gemma 3n,
+    ``hidden_states[-1]`` is the AltUp streams, not the final states.
+    """
+    captured = []
+    hook = causal_lm.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=_NO_LOGITS)
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
+def _chunk_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None):
+    logits = lm_head(hidden).float()  # the loss in fp32, as transformers' ForCausalLMLoss
+    if softcap is not None:  # Gemma 3n caps its final logits (Gemma 3 does not)
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    *,
+    softcap: float | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Next-token cross-entropy from the final (normed) hidden states, equal to the plain causal-LM loss.
+
+    ``labels`` are aligned with the inputs (shifted here, -100 ignored). The summed loss is divided by
+    ``num_items_in_batch`` when given, the trained tokens of the whole accumulated batch, as transformers'
+    ``ForCausalLMLoss`` does, so gradient accumulation weighs every token alike; otherwise by this batch's count.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    selected = hidden_states[:, :-1][trained]
+    targets = targets[trained]
+    total = selected[:0].float().sum()  # zero, but on the graph: a batch with no label still backpropagates
+    for start in range(0, targets.numel(), chunk_size):
+        rows = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_nll_sum, selected[rows], targets[rows], lm_head, softcap, use_reentrant=False)
+    if num_items_in_batch is None:
+        num_items_in_batch = targets.numel()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -1,0 +1,221 @@
+"""Padding-free packing and the lean chunked loss give the loss and gradients of the plain, padded computation."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from persian_qlora import GemmaChatCollator, PersianChatDataset
+from persian_qlora.loss import chunked_causal_lm_loss, final_hidden_states
+from persian_qlora.masking import IGNORE_INDEX
+from persian_qlora.modeling import LoraSettings, build_lora_model
+from persian_qlora.training import TrainConfig, make_trainer
+
+ARCHS = ["tiny_gemma3_path", "tiny_gemma3n_path", "tiny_gemma3_vision_path"]
+
+
+def _features(path, count=3):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dataset = PersianChatDataset.bundled(tokenizer, max_length=200)
+    # Longer than the tiny models' sliding window (64), so the local layers' windows are exercised too.
+    features = [dataset[i] for i in range(len(dataset)) if len(dataset[i]["input_ids"]) > 80][:count]
+    assert len(features) == count
+    return tokenizer, features
+
+
+def _load(path, attention):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    return model.train()
+
+
+def _plain_loss(model, batch, num_items):
+    """The loss transformers computes from full logits, normalised by ``num_items`` trained tokens."""
+    return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_close(got: dict, expected: dict):
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("fixture", ARCHS)
+def test_a_packed_batch_has_the_loss_and_gradients_of_its_conversations_run_separately(request, fixture, attention):
+    path = request.getfixturevalue(fixture)
+    tokenizer, features = _features(path)
+    model = _load(path, attention)
+    num_items = sum(sum(label != IGNORE_INDEX for label in f["labels"][1:]) for f in features)
+
+    separate = GemmaChatCollator.for_model(tokenizer, model)
+    loss = sum(_plain_loss(model, separate([f]), num_items) for f in features)
+    loss.backward()
+    expected_loss, expected_grads = loss.detach(), _grads(model)
+    model.zero_grad()
+
+    packed_batch = GemmaChatCollator.for_model(tokenizer, model, padding_free=True)(features)
+    assert packed_batch["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
+    assert "attention_mask" not in packed_batch
+    packed = _plain_loss(model, packed_batch, num_items)
+    packed.backward()
+
+    torch.testing.assert_close(packed.detach(), expected_loss, rtol=1e-5, atol=1e-6)
+    _assert_close(_grads(model), expected_grads)
+
+
+def test_with_the_kv_cache_on_packed_conversations_would_see_each_other(tiny_gemma3_path):
+    """Why the trainer passes use_cache=False: this is the leak it prevents (sdpa, as by default)."""
+    tokenizer, features = _features(tiny_gemma3_path, count=2)
+    model = _load(tiny_gemma3_path, "sdpa")
+    batch = GemmaChatCollator(tokenizer, padding_free=True)(features)
+    with torch.no_grad():
+        apart = model(**batch, use_cache=False).logits
+        leaking = model(**batch, use_cache=True).logits
+    first = len(features[0]["input_ids"])
+    torch.testing.assert_close(leaking[:, :first], apart[:, :first])
+    assert (leaking[:, first:] - apart[:, first:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fixture", ARCHS)
+def test_the_chunked_loss_equals_the_plain_loss_with_its_gradients(request, fixture):
+    path = request.getfixturevalue(fixture)
+    tokenizer, features = _features(path)
+    model = _load(path, "sdpa")
+    batch = GemmaChatCollator.for_model(tokenizer, model)(features)  # padded: the pad positions must be skipped
+    trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    for num_items in (None, trained + 17):  # the micro-batch's own mean, and a share of an accumulated batch
+        expected = _plain_loss(model, batch, num_items)
+        expected.backward()
+        expected_grads = _grads(model)
+        model.zero_grad()
+
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = final_hidden_states(model, model, **inputs, use_cache=False)
+        softcap = model.config.get_text_config().final_logit_softcapping
+        lean = chunked_causal_lm_loss(
+            hidden,
+            batch["labels"],
+            model.get_output_embeddings(),
+            softcap=softcap,
+            num_items_in_batch=num_items,
+            chunk_size=37,  # several chunks, the last one short
+        )
+        lean.backward()
+        torch.testing.assert_close(lean.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        _assert_close(_grads(model), expected_grads)
+        model.zero_grad()
+
+
+def test_the_chunked_loss_is_the_mean_over_trained_tokens():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(2, 6, 8)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, 7, -100, -100, 9, 1]])
+    log_probs = torch.log_softmax(head(hidden), dim=-1)
+    by_hand = -torch.stack(
+        [log_probs[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 6) if labels[b, t] != -100]
+    )
+    assert by_hand.numel() == 5
+    torch.testing.assert_close(chunked_causal_lm_loss(hidden, labels, head, chunk_size=2), by_hand.mean())
+    torch.testing.assert_close(chunked_causal_lm_loss(hidden, labels, head, num_items_in_batch=20), by_hand.sum() / 20)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_causal_lm_loss(hidden, labels, head, chunk_size=0)
+
+
+def test_a_batch_with_no_trained_token_still_backpropagates():
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    loss = chunked_causal_lm_loss(hidden, torch.full((1, 4), -100), head, num_items_in_batch=3)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad is not None
+
+
+def _one_accumulated_step(path, tmp_path, **settings):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dataset = PersianChatDataset.bundled(tokenizer, max_length=160)
+    samples = [dataset[i] for i in range(8)]  # 2 micro-batches of 4, of unequal trained-token counts
+    config = TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        optim="sgd",
+        save_steps=100,
+        extra={"disable_tqdm": True, "max_grad_norm": 0.0, "train_sampling_strategy": "sequential"},
+        **settings,
+    )
+    torch.manual_seed(0)
+    random_b = LoraSettings(extra={"init_lora_weights": False})  # every LoRA weight gets a gradient
+    model = build_lora_model(path, lora=random_b)
+    trainer = make_trainer(model, tokenizer, samples, config=config)
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, trainer
+
+
+def test_every_training_setting_takes_the_same_accumulated_step(tiny_gemma3_path, tmp_path):
+    """Padding-free + lean loss (the defaults), padded + lean, and padded + plain: one SGD step, same weights."""
+    plain = {"padding_free": False, "lean_loss": False}
+    reference, trainer = _one_accumulated_step(tiny_gemma3_path, tmp_path / "plain", **plain)
+    assert trainer.args.train_sampling_strategy == "sequential"  # extra wins over the group_by_length fallback
+    for name, settings in {
+        "padded, lean loss": {"padding_free": False},
+        "padding-free, lean loss": {},
+        "padding-free, plain loss": {"lean_loss": False},
+    }.items():
+        weights, _ = _one_accumulated_step(tiny_gemma3_path, tmp_path / name, **settings)
+        moved = max((weights[n] - reference[n]).abs().max().item() for n in reference)
+        assert moved < 1e-6, (name, moved)
+
+
+def test_padding_free_and_pad_to_multiple_of_exclude_each_other(tiny_tokenizer):
+    with pytest.raises(ValueError, match="padding-free"):
+        GemmaChatCollator(tiny_tokenizer, padding_free=True, pad_to_multiple_of=8)
+
+
+def test_without_packing_the_trainer_groups_conversations_by_length(tmp_path):
+    assert TrainConfig(output_dir=str(tmp_path)).training_arguments().train_sampling_strategy == "random"
+    padded = TrainConfig(output_dir=str(tmp_path), padding_free=False).training_arguments()
+    assert padded.train_sampling_strategy == "group_by_length"
+
+
+def _saved_for_backward_bytes(compute) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of ``compute()``, parameters excluded."""
+    saved = {}
+
+    def pack(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        compute().backward()
+    return sum(saved.values())
+
+
+def test_the_lean_loss_keeps_a_chunk_of_logits_not_all_of_them_at_gemma_vocabulary():
+    """At 262,144 tokens the plain loss keeps every position's logits for backward; the lean loss recomputes them."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 262_144, bias=False).requires_grad_(False)
+    hidden = torch.randn(1, 600, 64, requires_grad=True)
+    labels = torch.full((1, 600), -100)
+    labels[0, 200:] = 5  # two thirds of the positions are model turns
+
+    def plain():
+        logits = head(hidden).float()
+        return torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+
+    plain_bytes = _saved_for_backward_bytes(plain)
+    lean_bytes = _saved_for_backward_bytes(lambda: chunked_causal_lm_loss(hidden, labels, head, chunk_size=64))
+    one_chunk = 64 * 262_144 * 4
+    assert plain_bytes > 599 * 262_144 * 4  # the full fp32 logits
+    assert lean_bytes < one_chunk / 100, (lean_bytes, plain_bytes)
+    torch.testing.assert_close(
+        chunked_causal_lm_loss(hidden, labels, head, chunk_size=64), plain(), rtol=1e-5, atol=1e-6
+    )
