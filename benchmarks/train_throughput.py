@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import subprocess
 import sys
 import tempfile
@@ -57,44 +55,17 @@ WIDE_GEMMA = dict(
 )
 
 
-def lognormal_targets(count: int, mean: float = 310.0, sigma: float = 1.0, cap: int = 4000) -> list[int]:
-    """Evenly spaced quantiles of a log-normal with this mean: deterministic, and the tail is always there."""
-    from statistics import NormalDist
-
-    mu = math.log(mean) - sigma**2 / 2
-    quantiles = [NormalDist(mu, sigma).inv_cdf((i + 0.5) / count) for i in range(count)]
-    return [min(cap, max(32, round(math.exp(q)))) for q in quantiles]
-
-
-def build_conversations(tokenizer, count: int, seed: int) -> list[dict]:
-    """Chain bundled conversations (system prompts dropped) into one until it reaches its target length."""
-    from persian_qlora import PersianChatDataset
-
-    pool = PersianChatDataset.bundled(tokenizer).conversations
-    rng = random.Random(seed)
-    targets = lognormal_targets(count)
-    rng.shuffle(targets)
-    records = []
-    for target in targets:
-        messages, length = [], 0
-        while length < target:
-            turns = [m for m in rng.choice(pool) if m["role"] != "system"]
-            messages += turns
-            length += len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False)) - 1
-        records.append({"messages": messages})
-    return records
-
-
 def prepare(workdir: Path, count: int) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     from persian_qlora import PersianChatDataset
-    from persian_qlora.testing import build_tiny_gemma
+    from persian_qlora.testing import build_tiny_gemma, chained_conversations, lognormal_lengths
 
     build_tiny_gemma(workdir / "model", "gemma3", **WIDE_GEMMA)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    dataset = PersianChatDataset(build_conversations(tokenizer, count, seed=0), tokenizer, max_length=4000)
+    records = chained_conversations(tokenizer, lognormal_lengths(count))
+    dataset = PersianChatDataset(records, tokenizer, max_length=4000)
     Dataset.from_list([dataset[i] for i in range(len(dataset))]).save_to_disk(workdir / "data")
     lengths = sorted(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
     labelled = sum(sum(label != -100 for label in dataset[i]["labels"]) for i in range(len(dataset)))

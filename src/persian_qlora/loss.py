@@ -18,7 +18,7 @@ from persian_qlora.masking import IGNORE_INDEX
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "chunked_causal_lm_loss", "final_hidden_states"]
 
-DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: 1 GiB of fp32 logits at Gemma's vocabulary
+DEFAULT_CHUNK_SIZE = 256  # rows per chunk: 256 MiB of fp32 logits at Gemma's vocabulary
 
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the model projects no position
 

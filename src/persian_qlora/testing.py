@@ -23,7 +23,9 @@ __all__ = [
     "TinyArch",
     "build_tiny_gemma",
     "build_tiny_tokenizer",
+    "chained_conversations",
     "gemma3_chat_template",
+    "lognormal_lengths",
 ]
 
 TinyArch = Literal["gemma3", "gemma3n", "gemma3-vision"]
@@ -264,3 +266,42 @@ def build_tiny_persian_lm(
                 optimizer.zero_grad()
     model.save_pretrained(path)
     return path
+
+
+def lognormal_lengths(count: int, mean: float = 310.0, sigma: float = 1.0, cap: int = 4000) -> list[int]:
+    """``count`` conversation lengths spread as a log-normal of this mean (persian-gk's is about 310 tokens).
+
+    Evenly spaced quantiles rather than random draws: deterministic, and the long tail is always there.
+    """
+    import math
+    from statistics import NormalDist
+
+    mu = math.log(mean) - sigma**2 / 2
+    quantiles = (NormalDist(mu, sigma).inv_cdf((i + 0.5) / count) for i in range(count))
+    return [min(cap, max(32, round(math.exp(q)))) for q in quantiles]
+
+
+def chained_conversations(tokenizer, lengths: Iterable[int], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Multi-turn ``{"messages": ...}`` records of about the given token lengths, for benchmarks.
+
+    Each chains random conversations of the bundled train split (system prompts dropped) until it reaches its
+    length; lengths are shuffled with ``seed``.
+    """
+    import random
+
+    from persian_qlora.dataset import PersianChatDataset
+
+    pool = PersianChatDataset.bundled(tokenizer).conversations
+    rng = random.Random(seed)
+    lengths = list(lengths)
+    rng.shuffle(lengths)
+    records = []
+    for target in lengths:
+        messages: list[dict[str, str]] = []
+        length = 0
+        while length < target:
+            turns = [m for m in rng.choice(pool) if m["role"] != "system"]
+            messages += turns
+            length += len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False)) - 1  # one <bos>
+        records.append({"messages": messages})
+    return records

@@ -1,0 +1,176 @@
+"""QLoRA and LoRA at real Gemma sizes, on a GPU: peak memory, tokens/s and seconds per optimizer step.
+
+The architectures are built from their published dimensions with random weights (no hub): Gemma-3-1B (hidden 1152,
+26 layers, 4 heads, 1 KV head, head_dim 256, intermediate 6912, vocabulary 262,144) and Gemma-3n-E4B's language
+model (transformers' `Gemma3nTextConfig` defaults are E4B's text config). Speed and memory do not depend on the
+weights' values. Each model is saved once in bf16, then trained for a few optimizer steps at batch 2 x 1024 tokens
+(multi-turn Persian conversations from the bundled corpus, through persian-qlora's defaults), each method in a fresh
+process so its CUDA peak is its own. The first step is a warm-up and is not timed.
+
+    python benchmarks/gpu_scale.py                        # on a CUDA GPU; targets: E4B QLoRA <= 6 GB,
+                                                          # 1B QLoRA <= 3 GB, QLoRA tokens/s >= 0.8 x LoRA
+    python benchmarks/gpu_scale.py --smoke                # CPU check of the script: 2 layers, 128 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GEMMA3_1B = dict(
+    hidden_size=1152,
+    num_hidden_layers=26,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    intermediate_size=6912,
+    vocab_size=262_144,
+    query_pre_attn_scalar=256,
+    sliding_window=512,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=32_768,
+)
+MODELS = ("gemma-3-1b", "gemma-3n-e4b")
+METHODS = ("qlora", "lora")
+
+
+def build(name: str, path: Path, layers: int | None) -> None:
+    """Save a random-weight model of the published architecture (bf16), with the tiny Gemma-style tokenizer."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3nForCausalLM, Gemma3nTextConfig, Gemma3TextConfig
+
+    from persian_qlora.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, end_of_turn],
+    )
+    if name == "gemma-3-1b":
+        dims = dict(GEMMA3_1B, num_hidden_layers=layers or 26)
+        pattern = ["sliding_attention"] * 5 + ["full_attention"]
+        dims["layer_types"] = [pattern[i % 6] for i in range(dims["num_hidden_layers"])]
+        config, model_class = Gemma3TextConfig(**dims, **ids), Gemma3ForCausalLM
+    else:
+        config, model_class = Gemma3nTextConfig(**ids), Gemma3nForCausalLM
+        if layers:  # keep the published proportions of sparse and KV-sharing layers roughly
+            config.num_hidden_layers = layers
+            config.layer_types = config.layer_types[:layers]
+            config.intermediate_size = config.intermediate_size[:layers]
+            config.activation_sparsity_pattern = config.activation_sparsity_pattern[:layers]
+            config.num_kv_shared_layers = layers // 2
+    config.tie_word_embeddings = True
+    # The tiny tokenizer has Gemma's special-token ids; the rest of the 262k vocabulary is simply never read here.
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = model_class(config).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="2GB")
+    tokenizer.save_pretrained(path)
+    del model
+
+
+def worker(path: Path, method: str, tokens: int, steps: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from persian_qlora import PersianChatDataset
+    from persian_qlora.measure import PhaseMeter
+    from persian_qlora.modeling import build_lora_model, build_qlora_model
+    from persian_qlora.testing import chained_conversations
+    from persian_qlora.training import TrainConfig, make_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    records = chained_conversations(tokenizer, [tokens] * (2 * steps))
+    dataset = PersianChatDataset(records, tokenizer, max_length=tokens)
+    builder = build_qlora_model if method == "qlora" else build_lora_model
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    model = builder(str(path))  # bf16 compute on such a GPU, fp32 on CPU
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    step_times = StepTimes()
+    extra = {"bf16": bf16, "save_strategy": "no", "disable_tqdm": True, "train_sampling_strategy": "sequential"}
+    config = TrainConfig(
+        output_dir=str(path.parent / f"run-{method}"),
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        warmup_steps=0,
+        extra=extra,
+    )
+    trainer = make_trainer(model, tokenizer, dataset, config=config, callbacks=[step_times])
+    with PhaseMeter() as meter:
+        start = time.perf_counter()
+        trainer.train()
+    marks = [start, *step_times.times]
+    timed = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]  # step 1 is a warm-up
+    seconds = sum(timed) / len(timed)
+    real = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))) / steps
+    return {"seconds_per_step": seconds, "tokens_per_second": real / seconds, "memory": meter.result.memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per conversation (batch of 2)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps, the first untimed")
+    parser.add_argument("--smoke", action="store_true", help="a CPU check of this script: 2 layers, 128 tokens")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        path, method = Path(args.worker[0]), args.worker[1]
+        args.result.write_text(json.dumps(worker(path, method, args.tokens, args.steps)))
+        return
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("no CUDA GPU: these figures mean something only on one (use --smoke to check the script on CPU)")
+    if args.smoke:
+        args.tokens, args.steps = 128, 3
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-scale-"))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke run: not real figures)"
+    print(f"device: {device}; torch {torch.__version__}; batch 2 x {args.tokens} tokens, {args.steps} steps\n")
+    print("| model | method | peak allocated (GB) | peak reserved (GB) | tokens/s | s per optimizer step |")
+    print("|---|---|---|---|---|---|")
+    results: dict[str, dict] = {}
+    for name in args.models:
+        path = workdir / name / "model"
+        if not (path / "config.json").exists():
+            build(name, path, 2 if args.smoke else None)
+        for method in METHODS:
+            result_file = workdir / name / f"{method}.json"
+            command = [sys.executable, __file__, "--worker", str(path), method, "--result", str(result_file)]
+            subprocess.run([*command, "--tokens", str(args.tokens), "--steps", str(args.steps)], check=True)
+            r = results[f"{name} {method}"] = json.loads(result_file.read_text())
+            memory = r["memory"]
+            allocated = memory.get("cuda_max_allocated_gb", memory.get("cpu_peak_rss_gb"))
+            reserved = memory.get("cuda_max_reserved_gb", float("nan"))
+            print(
+                f"| {name} | {method} | {allocated:.2f} | {reserved:.2f} | {r['tokens_per_second']:.0f} "
+                f"| {r['seconds_per_step']:.2f} |"
+            )
+    for name in args.models:
+        qlora, lora = results[f"{name} qlora"], results[f"{name} lora"]
+        print(f"- {name}: QLoRA tokens/s = x{qlora['tokens_per_second'] / lora['tokens_per_second']:.2f} LoRA's")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
