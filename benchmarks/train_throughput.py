@@ -65,7 +65,7 @@ def prepare(workdir: Path, count: int) -> None:
     build_tiny_gemma(workdir / "model", "gemma3", **WIDE_GEMMA)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     records = chained_conversations(tokenizer, lognormal_lengths(count))
-    dataset = PersianChatDataset(records, tokenizer, max_length=4000)
+    dataset = PersianChatDataset(records, tokenizer, max_length=4000, deduplicate=False)
     Dataset.from_list([dataset[i] for i in range(len(dataset))]).save_to_disk(workdir / "data")
     lengths = sorted(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
     labelled = sum(sum(label != -100 for label in dataset[i]["labels"]) for i in range(len(dataset)))

@@ -284,24 +284,32 @@ def lognormal_lengths(count: int, mean: float = 310.0, sigma: float = 1.0, cap: 
 def chained_conversations(tokenizer, lengths: Iterable[int], *, seed: int = 0) -> list[dict[str, Any]]:
     """Multi-turn ``{"messages": ...}`` records of about the given token lengths, for benchmarks.
 
-    Each chains random conversations of the bundled train split (system prompts dropped) until it reaches its
-    length; lengths are shuffled with ``seed``.
+    Each chains random (user, model) exchanges from the bundled train split for as long as one more brings it
+    closer to its length; lengths are shuffled with ``seed``.
     """
     import random
 
     from persian_qlora.dataset import PersianChatDataset
 
-    pool = PersianChatDataset.bundled(tokenizer).conversations
+    exchanges = [
+        conversation[i : i + 2]
+        for conversation in PersianChatDataset.bundled(tokenizer).conversations
+        for i in range(len(conversation) - 1)
+        if conversation[i]["role"] == "user" and conversation[i + 1]["role"] == "assistant"
+    ]
     rng = random.Random(seed)
     lengths = list(lengths)
     rng.shuffle(lengths)
     records = []
     for target in lengths:
         messages: list[dict[str, str]] = []
-        length = 0
-        while length < target:
-            turns = [m for m in rng.choice(pool) if m["role"] != "system"]
-            messages += turns
-            length += len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False)) - 1  # one <bos>
+        length = 1  # <bos>
+        while True:
+            exchange = rng.choice(exchanges)
+            added = len(tokenizer.apply_chat_template(exchange, tokenize=True, return_dict=False)) - 1
+            if messages and abs(length + added - target) >= abs(length - target):
+                break
+            messages += exchange
+            length += added
         records.append({"messages": messages})
     return records
