@@ -29,6 +29,8 @@ def report_dir(tiny_gemma3_path, tmp_path_factory):
         test_data=str(bundled_corpus_path("test")),
         max_eval=4,
         max_new_tokens=8,
+        merge_bases=("original", "nf4"),
+        perplexity=True,
         generation={"repetition_penalty": 1.3},
     )
     compare(config)
@@ -47,8 +49,8 @@ def test_report_files_exist_with_every_field(report_dir):
             assert scores["n"] == 4 and len(scores["texts"]) == 4 and "tok:intl" in scores["bleu_signature"]
         assert run["train"]["global_step"] == 2 and run["train"]["trained_tokens"] > 0
         assert run["train"]["memory"]["cpu_peak_rss_gb"] > 0 and run["load"]["seconds"] > 0
-    assert "merged" in report["runs"][0] and "merged" not in report["runs"][1]
-    assert report["runs"][0]["merged"]["merge_base"] == "nf4"
+    assert [m["merge_base"] for m in report["runs"][0]["merged"]] == ["original", "nf4"]
+    assert "merged" not in report["runs"][1]
     assert report["environment"]["packages"]["transformers"]
     assert report["config"]["generation"] == {"repetition_penalty": 1.3}
 
@@ -65,3 +67,17 @@ def test_report_markdown_has_the_table_signature_and_rtl_samples(report_dir):
     assert "| QLoRA (NF4 base) |" in text and "| LoRA (16-bit base) |" in text and "merged fp16" in text
     assert "tok:intl" in text and "transformers 5." in text
     assert '<div dir="rtl">' in text and "![loss.png](loss.png)" in text
+
+
+def test_the_nf4_merge_reproduces_the_trained_qlora_model_and_the_original_merge_does_not(report_dir):
+    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+    qlora = report["runs"][0]
+    for scores in (qlora["before"], qlora["after"], *qlora["merged"]):
+        assert 1 < scores["perplexity"] < 1e6
+    trained = qlora["after"]["perplexity"]
+    merged = {m["merge_base"]: m["perplexity"] for m in qlora["merged"]}
+    # nf4: the trained model up to fp16 rounding; original: off by the NF4 error of every quantised weight
+    assert abs(merged["nf4"] - trained) < 1e-3 * trained
+    assert abs(merged["original"] - trained) > 10 * abs(merged["nf4"] - trained)
+    text = (report_dir / "report.md").read_text(encoding="utf-8")
+    assert "## Merge bases" in text and "| merged fp16, nf4 base |" in text and "test perplexity" in text

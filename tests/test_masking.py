@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+from transformers import AutoTokenizer
 
 from persian_qlora import (
     GemmaChatCollator,
@@ -40,9 +41,16 @@ def _trained_spans(labels):
     return spans + ([current] if current else [])
 
 
-@pytest.fixture(scope="module", params=[2048, 400], ids=["vocab2048", "vocab400"])
+@pytest.fixture(
+    scope="module",
+    params=[2048, 400, pytest.param("gemma3-270m", marks=pytest.mark.real_model)],
+    ids=["vocab2048", "vocab400", "gemma3-270m"],
+)
 def tokenizer(request):
-    # Two vocabularies: "model\n" encodes to different ids in each, and masking must hold for both.
+    # Two tiny vocabularies, where "model\n" encodes to different ids, and the real Gemma 3 tokenizer (262k tokens,
+    # SentencePiece-style merges learned on far more than Persian): masking must hold for all of them.
+    if request.param == "gemma3-270m":
+        return AutoTokenizer.from_pretrained(request.getfixturevalue("gemma3_270m_path"))
     return build_tiny_tokenizer(vocab_size=request.param)
 
 

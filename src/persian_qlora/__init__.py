@@ -12,17 +12,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "bases": ["gguf_base", "prepare_base", "prepare_gguf_base"],
     "chat": ["ChatSession"],
     "collator": ["GemmaChatCollator"],
     "compare": ["CompareConfig", "compare"],
     "dataset": ["DatasetStats", "PersianChatDataset", "bundled_corpus_path", "clean_conversation"],
-    "errors": ["InvalidRecordError", "NonFiniteError", "PersianQLoRAError", "TemplateError"],
+    "errors": ["InvalidRecordError", "MissingExtraError", "NonFiniteError", "PersianQLoRAError", "TemplateError"],
     "generation": ["evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
     "masking": ["GemmaTurnMarkers", "model_turn_labels"],
     "merging": ["MergeResult", "merge_to_fp16"],
     "metrics": ["corpus_scores", "sentence_scores"],
     "modeling": ["LoraSettings", "build_lora_model", "build_qlora_model", "default_bnb_config"],
     "normalize": ["NormalizerConfig", "normalize_persian"],
+    "perplexity": ["perplexity"],
     "testing": ["gemma3_chat_template"],
     "training": ["RunConfig", "RunMetricsCallback", "TrainConfig", "make_trainer", "run_training"],
 }
@@ -45,16 +47,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from persian_qlora.bases import gguf_base, prepare_base, prepare_gguf_base
     from persian_qlora.chat import ChatSession
     from persian_qlora.collator import GemmaChatCollator
     from persian_qlora.compare import CompareConfig, compare
     from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation
-    from persian_qlora.errors import InvalidRecordError, NonFiniteError, PersianQLoRAError, TemplateError
+    from persian_qlora.errors import (
+        InvalidRecordError,
+        MissingExtraError,
+        NonFiniteError,
+        PersianQLoRAError,
+        TemplateError,
+    )
     from persian_qlora.generation import evaluation_pairs, generate, load_for_inference, stream_reply
     from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels
     from persian_qlora.merging import MergeResult, merge_to_fp16
     from persian_qlora.metrics import corpus_scores, sentence_scores
     from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model, default_bnb_config
     from persian_qlora.normalize import NormalizerConfig, normalize_persian
+    from persian_qlora.perplexity import perplexity
     from persian_qlora.testing import gemma3_chat_template
     from persian_qlora.training import RunConfig, RunMetricsCallback, TrainConfig, make_trainer, run_training

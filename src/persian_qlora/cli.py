@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from persian_qlora import __version__
+from persian_qlora.bases import KNOWN_BASES
 from persian_qlora.dataset import PersianChatDataset, bundled_corpus_path
 from persian_qlora.errors import PersianQLoRAError
 from persian_qlora.masking import IGNORE_INDEX
@@ -148,12 +149,53 @@ def _compare(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def _demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from persian_qlora.compare import compare, demo_config
 
-    config = demo_config(args.output_dir)
-    print(
-        "persian-qlora demo: base vs QLoRA vs LoRA (+ merged QLoRA) on a tiny Persian Gemma 3 and the bundled "
-        f"corpus, offline, on {'GPU' if _cuda() else 'CPU'}. Takes a few minutes; output in {args.output_dir}"
-    )
+    device = "GPU" if _cuda() else "CPU"
+    output_dir = args.output_dir or ("runs/demo" if args.base == "tiny" else f"runs/demo-{args.base}")
+    if args.base == "tiny":
+        print(
+            "persian-qlora demo: base vs QLoRA vs LoRA (+ merged QLoRA) on a tiny Persian Gemma 3 and the bundled "
+            f"corpus, offline, on {device}. Takes a few minutes; output in {output_dir}"
+        )
+    else:
+        _print_base_notice(args.base)
+        print(
+            f"persian-qlora demo: base vs QLoRA vs LoRA (+ QLoRA merged on both bases) on {args.base} and the "
+            f"bundled corpus, offline, on {device}. Output in {output_dir}"
+        )
+    config = demo_config(output_dir, base=args.base, overrides=_parse_overrides(extra))
+    if args.max_eval is not None:
+        config.max_eval = args.max_eval
+    if args.max_new_tokens is not None:
+        config.max_new_tokens = args.max_new_tokens
     _print_report(compare(config), config.output_dir)
+    return 0
+
+
+def _print_base_notice(name: str) -> None:
+    from persian_qlora.bases import KNOWN_BASES, cache_dir
+
+    known = KNOWN_BASES[name]
+    print(f"base: {known.description}")
+    print(f"cache: {cache_dir() / name} (prepared once, about a minute and a half on 2 CPU cores)")
+    print(f"These weights fall under the {known.terms}. persian-qlora does not distribute them.")
+
+
+def _prepare_base(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import time
+
+    from persian_qlora.bases import GEMMA_TERMS_URL, prepare_base, prepare_gguf_base
+
+    started = time.perf_counter()
+    if args.gguf is not None:
+        if args.output is None:
+            raise PersianQLoRAError("--gguf needs --output, the directory for the prepared checkpoint")
+        path = prepare_gguf_base(args.gguf, args.output, overwrite=args.overwrite)
+        print(f"The weights keep the licence they came with; for Gemma, the Gemma Terms of Use ({GEMMA_TERMS_URL}).")
+    else:
+        _print_base_notice(args.name)
+        path = prepare_base(args.name, overwrite=args.overwrite)
+    print(f"prepared base: {path} ({time.perf_counter() - started:.0f} s)")
+    print(f"use it as any checkpoint, e.g. persian-qlora train --model {path} --output-dir runs/mine")
     return 0
 
 
@@ -212,6 +254,7 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
         base,
         args.adapter,
         args.output,
+        gguf_file=args.gguf_file,
         dtype=getattr(torch, args.dtype),
         merge_base=args.merge_base,
         max_shard_size=args.max_shard_size,
@@ -267,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter directory (from train)")
     merge.add_argument("--base", help="base model id or path (default: the adapter's base_model_name_or_path)")
     merge.add_argument("--output", required=True, help="directory for the merged model (must not exist)")
+    merge.add_argument("--gguf-file", help="the base is this GGUF file (a path, or a file in --base)")
     merge.add_argument("--merge-base", choices=["original", "nf4"], default="original", help="see docs/merging.md")
     merge.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     merge.add_argument("--max-shard-size", default="2GB")
@@ -302,9 +346,36 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.set_defaults(run=_chat)
 
-    demo = commands.add_parser("demo", help="the whole comparison offline on a tiny model and the bundled corpus")
-    demo.add_argument("--output-dir", default="runs/demo")
-    demo.set_defaults(run=_demo)
+    demo = commands.add_parser(
+        "demo",
+        help="the whole comparison offline on the bundled corpus: a tiny model, or a real Gemma 3 270M",
+        description="The whole comparison offline on the bundled corpus. --key value pairs override training "
+        "settings (as for 'train'), e.g. --max_steps 2 for a smoke run.",
+    )
+    demo.add_argument(
+        "--base",
+        choices=["tiny", *KNOWN_BASES],
+        default="tiny",
+        help="tiny: a 1M-parameter Persian LM built here (default); gemma3-270m: the real Gemma 3 270M, "
+        "from the gemma3-270m extra, about half an hour on 2 CPU cores",
+    )
+    demo.add_argument("--output-dir", help="the report directory (default: runs/demo, or runs/demo-BASE)")
+    demo.add_argument("--max-eval", type=int, help="evaluate at most this many test conversations")
+    demo.add_argument("--max-new-tokens", type=int, help="cap each generated reply (default: the demo's)")
+    demo.set_defaults(run=_demo, takes_overrides=True)
+
+    prepare_base = commands.add_parser(
+        "prepare-base",
+        help="convert a GGUF Gemma into a cached checkpoint directory (bf16, tokenizer, chat template)",
+        description="Convert a GGUF Gemma into an ordinary checkpoint directory, once: bf16 safetensors, the "
+        "tokenizer with the Gemma 3 chat template, a generation config stopping on <eos> and <end_of_turn>. "
+        "Either a known base by name (cached), or --gguf FILE --output DIR.",
+    )
+    prepare_base.add_argument("name", nargs="?", default="gemma3-270m", choices=list(KNOWN_BASES))
+    prepare_base.add_argument("--gguf", help="a GGUF file to convert instead of a known base")
+    prepare_base.add_argument("--output", help="with --gguf: the directory to write")
+    prepare_base.add_argument("--overwrite", action="store_true", help="prepare again, replacing the directory")
+    prepare_base.set_defaults(run=_prepare_base)
     return parser
 
 

@@ -34,7 +34,10 @@ class CompareConfig:
 
     ``test_data=None`` evaluates on ``test_split`` of the training source. With ``run.tiny``, the base is
     :func:`~persian_qlora.testing.build_tiny_persian_lm` (cached in ``output_dir``) and the data the bundled
-    corpus's fixed splits. ``merge_methods`` lists the runs whose merged fp16 model is evaluated too.
+    corpus's fixed splits. The runs in ``merge_methods`` are merged into fp16 once per base in ``merge_bases``
+    (``"original"``, ``"nf4"``; see :func:`~persian_qlora.merge_to_fp16`), and each merged model is evaluated too.
+    ``perplexity=True`` adds the test conversations' model-turn perplexity to every evaluation.
+    ``model_label`` names the base in the report (default: its path).
     """
 
     run: RunConfig = field(default_factory=RunConfig)
@@ -46,34 +49,66 @@ class CompareConfig:
     max_new_tokens: int = 256
     eval_batch_size: int = 8
     merge_methods: tuple[str, ...] = ("qlora",)
-    merge_base: str = "nf4"
+    merge_bases: tuple[str, ...] = ("nf4",)
+    perplexity: bool = False
+    model_label: str | None = None
     samples: int = 3
     generation: dict[str, Any] = field(default_factory=dict)  # extra model.generate settings, same for every run
 
 
-def demo_config(output_dir: str = "runs/demo") -> CompareConfig:
-    """The offline demo: a tiny Persian LM base, the bundled corpus, settings at which the fine-tune learns on CPU.
+# The real-model demo's training settings, fixed before any run on the test split (see docs/real-model.md):
+# the reference recipe, except a learning rate at which ~34 optimizer steps move a LoRA adapter (the QLoRA
+# paper's 2e-4), and a max length that keeps the bundled conversations whole on 2 CPU cores.
+REAL_DEMO_OVERRIDES: dict[str, Any] = {"learning_rate": 2e-4, "max_length": 512, "save_strategy": "no"}
 
-    The reference recipe's lr 2e-5 for one epoch is tuned for billion-parameter models; a 1M-parameter model needs
-    a larger step and a few passes. Every other training setting is the recipe's. ``repetition_penalty=1.3`` keeps
-    a tiny model's greedy decoding from looping on one token; it applies to every run alike, before and after.
+
+def demo_config(
+    output_dir: str = "runs/demo", *, base: str = "tiny", overrides: dict[str, Any] | None = None
+) -> CompareConfig:
+    """The offline demo on the bundled corpus: ``base="tiny"`` (a tiny Persian LM) or a real base such as
+    ``"gemma3-270m"`` (prepared and cached on first use, see :func:`~persian_qlora.bases.prepare_base`).
+
+    Tiny: the reference recipe's lr 2e-5 for one epoch is tuned for billion-parameter models; a 1M-parameter
+    model needs a larger step and a few passes. Every other training setting is the recipe's.
+    ``repetition_penalty=1.3`` keeps a tiny model's greedy decoding from looping on one token; it applies to every
+    run alike, before and after.
+    Real: the recipe for one epoch with :data:`REAL_DEMO_OVERRIDES`, plain greedy decoding, and the merge-base
+    study: the QLoRA adapter as trained against both merges, with perplexity.
+    ``overrides`` are training settings (as for ``persian-qlora train``) applied last, e.g. ``{"max_steps": 2}``
+    for a smoke run.
     """
-    overrides = {
-        "tiny": True,
-        "learning_rate": 1e-2,
-        "num_train_epochs": 3,
-        "warmup_steps": 5,
-        "max_length": 512,
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "save_strategy": "no",
-    }
+    if base == "tiny":
+        settings = {
+            "tiny": True,
+            "learning_rate": 1e-2,
+            "num_train_epochs": 3,
+            "warmup_steps": 5,
+            "max_length": 512,
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "save_strategy": "no",
+        }
+        return CompareConfig(
+            run=RunConfig.load(None, {**settings, **(overrides or {})}),
+            output_dir=output_dir,
+            max_new_tokens=64,
+            eval_batch_size=16,
+            generation={"repetition_penalty": 1.3},
+        )
+    from persian_qlora.bases import KNOWN_BASES, prepare_base
+    from persian_qlora.dataset import bundled_corpus_path
+
+    model = str(prepare_base(base))
+    settings = {"model": model, "data": str(bundled_corpus_path("train")), **REAL_DEMO_OVERRIDES}
     return CompareConfig(
-        run=RunConfig.load(None, overrides),
+        run=RunConfig.load(None, {**settings, **(overrides or {})}),
         output_dir=output_dir,
-        max_new_tokens=64,
+        test_data=str(bundled_corpus_path("test")),
+        max_new_tokens=128,  # the 95th percentile of the train split's last model turns: 127 Gemma tokens
         eval_batch_size=16,
-        generation={"repetition_penalty": 1.3},
+        merge_bases=("original", "nf4"),
+        perplexity=True,
+        model_label=KNOWN_BASES[base].description,
     )
 
 
@@ -93,14 +128,15 @@ def _scores(result, references, normalize) -> dict[str, Any]:
 
 def _run_method(method: str, config: CompareConfig, model_path: str, train_source: str, test_source: str) -> dict:
     """One method, start to end, in a fresh process. Returns plain data for the report."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, set_seed
 
     from persian_qlora.dataset import PersianChatDataset
-    from persian_qlora.generation import evaluation_pairs, generate
+    from persian_qlora.generation import evaluation_pairs, generate, load_for_inference
     from persian_qlora.measure import PhaseMeter
     from persian_qlora.merging import merge_to_fp16
-    from persian_qlora.modeling import build_lora_model, build_qlora_model
+    from persian_qlora.modeling import build_lora_model, build_qlora_model, resolve_dtype
     from persian_qlora.normalize import DEFAULT_NORMALIZER
+    from persian_qlora.perplexity import perplexity
     from persian_qlora.training import make_trainer
 
     run = config.run
@@ -111,6 +147,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, train_sourc
     train = PersianChatDataset(train_source, tokenizer, split=run.split, max_length=train_config.max_length)
     test = PersianChatDataset(test_source, tokenizer, split=config.test_split, max_length=train_config.max_length)
     prompts, references = evaluation_pairs(test.conversations[: config.max_eval])
+    scored = [test[i] for i in range(len(prompts))]  # the same conversations, tokenized with their labels
 
     def evaluate(model) -> dict[str, Any]:
         result = generate(
@@ -123,7 +160,10 @@ def _run_method(method: str, config: CompareConfig, model_path: str, train_sourc
             progress=True,
             **config.generation,
         )
-        return _scores(result, references, DEFAULT_NORMALIZER)
+        scores = _scores(result, references, DEFAULT_NORMALIZER)
+        if config.perplexity:
+            scores["perplexity"] = perplexity(model, tokenizer, scored)
+        return scores
 
     set_seed(train_config.seed)  # the same LoRA initialisation for every method
     builder = build_qlora_model if method == "qlora" else build_lora_model
@@ -146,11 +186,18 @@ def _run_method(method: str, config: CompareConfig, model_path: str, train_sourc
     }
     if method in config.merge_methods:
         del model, trainer
-        merged_dir = Path(config.output_dir) / f"{method}-merged"
-        with PhaseMeter() as merging:
-            merge_to_fp16(model_path, output, merged_dir, merge_base=config.merge_base, overwrite=True)
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir)
-        result["merged"] = {**evaluate(merged), "merge": asdict(merging.result), "merge_base": config.merge_base}
+        result["merged"] = []
+        for merge_base in config.merge_bases:
+            merged_dir = Path(config.output_dir) / f"{method}-merged-{merge_base}"
+            with PhaseMeter() as merging:
+                # quant_dtype: the dtype build_qlora_model loaded the base in, so "nf4" is the trained base
+                merge_to_fp16(
+                    model_path, output, merged_dir, merge_base=merge_base, quant_dtype=resolve_dtype(), overwrite=True
+                )
+            merged, _ = load_for_inference(merged_dir)
+            scores = evaluate(merged)
+            del merged
+            result["merged"].append({**scores, "merge": asdict(merging.result), "merge_base": merge_base})
     return result
 
 
@@ -202,14 +249,15 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     runs = [_in_fresh_process(method, config, model_path, train_source, test_source) for method in config.methods]
     report = {
         "config": {
-            "model": TINY_BASE_LABEL if config.run.tiny else model_path,
+            "model": config.model_label or (TINY_BASE_LABEL if config.run.tiny else model_path),
             "train_data": train_source,
             "test_data": test_source,
             "lora": asdict(config.run.lora),
             "train": {k: v for k, v in asdict(config.run.train).items() if k != "output_dir"},
             "max_new_tokens": config.max_new_tokens,
             "generation": config.generation,
-            "merge_base": config.merge_base,
+            "merge_bases": list(config.merge_bases),
+            "perplexity": config.perplexity,
         },
         "runs": runs,
     }

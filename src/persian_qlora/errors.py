@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InvalidRecordError", "NonFiniteError", "PersianQLoRAError", "TemplateError"]
+__all__ = ["InvalidRecordError", "MissingExtraError", "NonFiniteError", "PersianQLoRAError", "TemplateError"]
 
 
 class PersianQLoRAError(Exception):
@@ -11,6 +11,14 @@ class PersianQLoRAError(Exception):
 
 class TemplateError(PersianQLoRAError):
     """The tokenizer's chat template is missing or is not Gemma's turn format."""
+
+
+class MissingExtraError(PersianQLoRAError, ImportError):
+    """An optional part of persian-qlora was asked for, and the packages of its extra are not installed."""
+
+    def __init__(self, what: str, extra: str, missing: str) -> None:
+        self.extra = extra
+        super().__init__(f"{what} needs the {missing!r} package: pip install 'persian-qlora[{extra}]'")
 
 
 class InvalidRecordError(PersianQLoRAError, ValueError):

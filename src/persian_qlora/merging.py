@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from persian_qlora._files import staged_directory
 from persian_qlora.errors import PersianQLoRAError
 
 __all__ = ["MergeResult", "merge_to_fp16", "push_to_hub", "render_model_card"]
@@ -172,6 +172,7 @@ def merge_to_fp16(
     allow_pickle: bool = False,
     datasets: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
+    gguf_file: str | None = None,
     **load_kwargs: Any,
 ) -> MergeResult:
     """Merge ``adapter`` into ``base`` and write a standalone ``dtype`` model to ``output_dir``.
@@ -181,7 +182,8 @@ def merge_to_fp16(
     refused unless ``overwrite=True``. ``quant_dtype`` (``merge_base="nf4"``) is the dtype the base was loaded in for
     4-bit quantisation during training; by default the checkpoint's own. ``verify=True`` reloads the result and
     reports the largest absolute logit difference against base+adapter on a probe conversation. Weights and the
-    adapter are read from safetensors only, unless ``allow_pickle=True``.
+    adapter are read from safetensors only, unless ``allow_pickle=True``. ``gguf_file`` takes a GGUF base as the
+    builders do: its cached bf16 conversion (:func:`~persian_qlora.bases.gguf_base`) is the base.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -189,6 +191,10 @@ def merge_to_fp16(
 
     if merge_base not in ("original", "nf4"):
         raise ValueError(f"merge_base must be 'original' or 'nf4', got {merge_base!r}")
+    if gguf_file is not None:
+        from persian_qlora.bases import gguf_base
+
+        base = gguf_base(base, gguf_file)
     base, adapter, output_dir = str(base), Path(adapter), Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise PersianQLoRAError(f"{output_dir} already exists; choose another directory or pass overwrite=True")
@@ -212,8 +218,7 @@ def merge_to_fp16(
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(model, output_dir.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
+    with staged_directory(output_dir) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
         card = render_model_card(
@@ -230,16 +235,6 @@ def merge_to_fp16(
             reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)
             max_diff = float((_probe_logits(reloaded, tokenizer) - reference).abs().max())
             logger.info("merged vs base+adapter: max |logit difference| = %.3g", max_diff)
-        if output_dir.exists():  # overwrite=True: swap in the new directory, then drop the old one
-            retired = output_dir.with_name(f".{output_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-            output_dir.rename(retired)
-            staging.rename(output_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return MergeResult(output_dir=output_dir, merge_base=merge_base, dtype=dtype, max_abs_logit_diff=max_diff)
 
 

@@ -168,6 +168,7 @@ def _disable_cpu_weight_repacking(model: nn.Module) -> None:
 def _build(
     model_id_or_path: str,
     *,
+    gguf_file: str | None,
     quantization_config,
     dtype: torch.dtype,
     lora: LoraSettings | Any | None,
@@ -177,6 +178,10 @@ def _build(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    if gguf_file is not None:
+        from persian_qlora.bases import gguf_base
+
+        model_id_or_path = str(gguf_base(model_id_or_path, gguf_file))
     load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
     model = AutoModelForCausalLM.from_pretrained(
         model_id_or_path, dtype=dtype, quantization_config=quantization_config, **load_kwargs
@@ -202,6 +207,7 @@ def _build(
 def build_qlora_model(
     model_id_or_path: str,
     *,
+    gguf_file: str | None = None,
     lora: LoraSettings | Any | None = None,
     bnb_config: Any | None = None,
     dtype: torch.dtype | str | None = None,
@@ -216,11 +222,16 @@ def build_qlora_model(
     otherwise) and the dtype of the unquantised weights. Other keyword arguments go to ``from_pretrained``
     (``device_map``, ``attn_implementation``, ``revision``...); weights load from safetensors only unless
     ``use_safetensors=None`` is passed.
+    ``gguf_file`` names a GGUF checkpoint as in transformers (a path, or a file in ``model_id_or_path``). It is
+    converted once into a cached bf16 checkpoint (:func:`~persian_qlora.bases.gguf_base`) and the base loads from
+    that: transformers cannot quantise a GGUF-loaded model with bitsandbytes, and QLoRA and LoRA must start from
+    the same weights. Load the tokenizer from ``gguf_base(model_id_or_path, gguf_file)``.
     Returns the ``peft.PeftModel``.
     """
     dtype = resolve_dtype(dtype)
     return _build(
         model_id_or_path,
+        gguf_file=gguf_file,
         quantization_config=bnb_config if bnb_config is not None else default_bnb_config(dtype),
         dtype=dtype,
         lora=lora,
@@ -232,6 +243,7 @@ def build_qlora_model(
 def build_lora_model(
     model_id_or_path: str,
     *,
+    gguf_file: str | None = None,
     lora: LoraSettings | Any | None = None,
     dtype: torch.dtype | str | None = None,
     gradient_checkpointing: bool = True,
@@ -240,6 +252,7 @@ def build_lora_model(
     """The same as :func:`build_qlora_model` on an unquantised 16-bit base (bf16; fp32 on CPU)."""
     return _build(
         model_id_or_path,
+        gguf_file=gguf_file,
         quantization_config=None,
         dtype=resolve_dtype(dtype),
         lora=lora,

@@ -15,7 +15,7 @@ import torch
 
 from persian_qlora._files import atomic_write_text
 
-__all__ = ["environment", "table_lines", "write_report"]
+__all__ = ["environment", "merge_table_lines", "table_lines", "write_report"]
 
 _PACKAGES = ("persian-qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "sacrebleu")
 _LABELS = {"qlora": "QLoRA (NF4 base)", "lora": "LoRA (16-bit base)"}
@@ -62,13 +62,31 @@ def table_lines(report: dict[str, Any]) -> list[str]:
             f"| {before['rouge_l']:.2f} | {after['rouge_l']:.2f} | {before['chrf']:.2f} | {after['chrf']:.2f} "
             f"| {_gb(train):.2f} | {train['train_seconds']:.1f} | {train['trained_tokens_per_second']:.0f} |"
         )
-        if "merged" in run:
-            merged = run["merged"]
+        for merged in run.get("merged", []):
             lines.append(
                 f"| {_LABELS.get(run['method'], run['method'])}, merged fp16 ({merged['merge_base']} base) | "
                 f"| {merged['bleu']:.2f} | | {merged['rouge_l']:.2f} | | {merged['chrf']:.2f} | | | |"
             )
     return lines
+
+
+def merge_table_lines(report: dict[str, Any]) -> list[str]:
+    """The merge-base table (markdown): each merged run's adapter as trained against its merged fp16 models.
+
+    Empty when nothing was merged. Perplexity is over the model-turn tokens of the test conversations.
+    """
+    lines = []
+    for run in report["runs"]:
+        label = _LABELS.get(run["method"], run["method"])
+        rows = [(f"{label} + adapter, as trained", run["after"])]
+        rows += [(f"merged fp16, {m['merge_base']} base", m) for m in run.get("merged", [])]
+        if len(rows) > 1:
+            lines += [
+                f"| {row} | {s['bleu']:.2f} | {s['rouge_l']:.2f} | {s['chrf']:.2f} | "
+                + (f"{s['perplexity']:.3f} |" if "perplexity" in s else "– |")
+                for row, s in rows
+            ]
+    return ["| model | BLEU-4 | ROUGE-L | chrF | perplexity |", "|---|---|---|---|---|", *lines] if lines else []
 
 
 def _verdicts(report: dict[str, Any]) -> list[str]:
@@ -79,6 +97,9 @@ def _verdicts(report: dict[str, Any]) -> list[str]:
             before, after = run["before"][metric], run["after"][metric]
             word = "improved" if after > before else "did not improve" if after == before else "got worse"
             lines.append(f"- {label}: {name} {word}, {before:.2f} → {after:.2f}.")
+        if "perplexity" in run["after"]:
+            before, after = run["before"]["perplexity"], run["after"]["perplexity"]
+            lines.append(f"- {label}: test perplexity (model turns) {before:.2f} → {after:.2f}.")
         log = run["train"].get("log", [])
         if len(log) >= 2:
             lines.append(f"- {label}: training loss {log[0]['loss']:.3f} → {log[-1]['loss']:.3f}.")
@@ -129,11 +150,12 @@ def _charts(report: dict[str, Any], output_dir: Path) -> list[str]:
     for ax, (metric, title) in zip(axes, (("bleu", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")), strict=True):
         labels, values, colors = [], [], []
         for run in runs:
-            for stage, color in (("before", "#999999"), ("after", "#2a7ab9"), ("merged", "#e08a1e")):
-                if stage in run:
-                    labels.append(f"{run['method']}\n{stage}")
-                    values.append(run[stage][metric])
-                    colors.append(color)
+            stages = [("before", run["before"], "#999999"), ("after", run["after"], "#2a7ab9")]
+            stages += [(f"merged {m['merge_base']}", m, "#e08a1e") for m in run.get("merged", [])]
+            for stage, scores, color in stages:
+                labels.append(f"{run['method']}\n{stage}")
+                values.append(scores[metric])
+                colors.append(color)
         ax.bar(labels, values, color=colors)
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=8)
@@ -155,6 +177,22 @@ def _charts(report: dict[str, Any], output_dir: Path) -> list[str]:
     fig.savefig(output_dir / "resources.png")
     plt.close(fig)
     return [*names, "metrics.png", "resources.png"]
+
+
+def _merge_section(report: dict[str, Any]) -> list[str]:
+    table = merge_table_lines(report)
+    if not table:
+        return []
+    return [
+        "## Merge bases",
+        "",
+        *table,
+        "",
+        "The adapter as trained runs on the base it was trained on (4-bit for QLoRA); each merged model is "
+        "W0 + (B A)·alpha/r saved in fp16, with W0 the original 16-bit weights or their NF4 round trip. "
+        "Perplexity: over every model-turn token of the evaluated test conversations.",
+        "",
+    ]
 
 
 def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int = 3) -> Path:
@@ -180,6 +218,7 @@ def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int
         f"Scores are 0-100. Memory: {memory_note}, over the training phase of each run (each run in its own "
         'process). "Before" is each run\'s own base as loaded (4-bit for QLoRA, 16-bit for LoRA).',
         "",
+        *_merge_section(report),
         "## What changed",
         "",
         *_verdicts(report),
