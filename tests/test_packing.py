@@ -8,9 +8,18 @@ from persian_qlora import GemmaChatCollator, PersianChatDataset
 from persian_qlora.loss import chunked_causal_lm_loss, final_hidden_states
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.modeling import LoraSettings, build_lora_model
+from persian_qlora.testing import build_tiny_gemma
 from persian_qlora.training import TrainConfig, make_trainer
 
-ARCHS = ["tiny_gemma3_path", "tiny_gemma3n_path", "tiny_gemma3_vision_path"]
+ARCHS = ["tiny_gemma3_path", "tiny_gemma3n_path", "tiny_gemma3n_kv_shared_path", "tiny_gemma3_vision_path"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3n_kv_shared_path(tmp_path_factory):
+    """Gemma 3n with its last layers reading earlier layers' keys and values, as E4B's last 15 of 35 do."""
+    layer_types = ["sliding_attention", "full_attention"] * 2
+    path = tmp_path_factory.mktemp("tiny-gemma3n-kv-shared")
+    return build_tiny_gemma(path, "gemma3n", num_hidden_layers=4, layer_types=layer_types, num_kv_shared_layers=2)
 
 
 def _features(path, count=3):

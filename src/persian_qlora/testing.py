@@ -123,18 +123,18 @@ def _tiny_text_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dic
         sliding_window=64,
         **ids,
     )
-    common.update(overrides)
     if arch == "gemma3n":
-        return Gemma3nTextConfig(
+        layers = overrides.get("num_hidden_layers", common["num_hidden_layers"])
+        extra = dict(
             vocab_size_per_layer_input=vocab_size,
             hidden_size_per_layer_input=64,
             altup_num_inputs=2,
             laurel_rank=64,
             num_kv_shared_layers=0,
-            activation_sparsity_pattern=[0.0, 0.0],
-            **common,
+            activation_sparsity_pattern=[0.0] * layers,
         )
-    return Gemma3TextConfig(query_pre_attn_scalar=32, **common)
+        return Gemma3nTextConfig(**{**common, **extra, **overrides})
+    return Gemma3TextConfig(**{**common, "query_pre_attn_scalar": 32, **overrides})
 
 
 def _tiny_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dict):
