@@ -90,10 +90,12 @@ def test_with_the_kv_cache_on_packed_conversations_would_see_each_other(tiny_gem
 
 
 @pytest.mark.parametrize("fixture", ARCHS)
-def test_the_chunked_loss_equals_the_plain_loss_with_its_gradients(request, fixture):
+@pytest.mark.parametrize("head", ["frozen", "trainable"])  # the fused path, and the recomputing one
+def test_the_chunked_loss_equals_the_plain_loss_with_its_gradients(request, fixture, head):
     path = request.getfixturevalue(fixture)
     tokenizer, features = _features(path)
     model = _load(path, "sdpa")
+    model.get_output_embeddings().requires_grad_(head == "trainable")  # frozen, as in QLoRA and LoRA
     batch = GemmaChatCollator.for_model(tokenizer, model)(features)  # padded: the pad positions must be skipped
     trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
@@ -120,10 +122,11 @@ def test_the_chunked_loss_equals_the_plain_loss_with_its_gradients(request, fixt
         model.zero_grad()
 
 
-def test_the_chunked_loss_is_the_mean_over_trained_tokens():
+@pytest.mark.parametrize("frozen", [True, False])
+def test_the_chunked_loss_is_the_mean_over_trained_tokens(frozen):
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 50, bias=False)
-    hidden = torch.randn(2, 6, 8)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(not frozen)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
     labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, 7, -100, -100, 9, 1]])
     log_probs = torch.log_softmax(head(hidden), dim=-1)
     by_hand = -torch.stack(
@@ -136,8 +139,9 @@ def test_the_chunked_loss_is_the_mean_over_trained_tokens():
         chunked_causal_lm_loss(hidden, labels, head, chunk_size=0)
 
 
-def test_a_batch_with_no_trained_token_still_backpropagates():
-    head = torch.nn.Linear(8, 50, bias=False)
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_batch_with_no_trained_token_still_backpropagates(frozen):
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(not frozen)
     hidden = torch.randn(1, 4, 8, requires_grad=True)
     loss = chunked_causal_lm_loss(hidden, torch.full((1, 4), -100), head, num_items_in_batch=3)
     loss.backward()

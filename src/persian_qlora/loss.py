@@ -1,11 +1,17 @@
 """A lean causal-LM loss for Gemma's 262,144-token vocabulary: logits only where a label is, a chunk at a time.
 
 The plain loss projects every position onto the vocabulary: for 2 × 4000 tokens that is 2.1 G logits, 8 GB in fp32,
-before its log-softmax and gradient. In chat data most positions are prompt and carry no label. Here only the
-labelled positions are projected, ``chunk_size`` rows at a time, and each chunk is recomputed in the backward pass
-instead of being kept, so peak memory is O(chunk_size × vocab) whatever the batch. transformers' ``logits_to_keep``
-selects positions but still materialises them all at once, and TRL's chunked losses need its own trainer and data
-format; this small function fits our ``Trainer`` and turn labels.
+before its log-softmax and gradient. Here only the labelled positions (the model turns) are projected,
+``chunk_size`` rows at a time, and no chunk's logits outlive it, so peak memory is O(chunk_size × vocab) whatever
+the batch. transformers' ``logits_to_keep`` selects positions but still materialises them all at once, TRL's
+chunked losses need its own trainer and data format, and Liger's fused kernels need Triton (a GPU); this small
+function fits our ``Trainer`` and turn labels, on any device.
+
+With a frozen bias-free LM head (QLoRA and LoRA on Gemma: tied, untrained embeddings), each chunk's gradient
+with respect to its hidden states is computed in the forward pass, while its logits are at hand, as Liger's fused
+linear cross-entropy does: two matmuls per chunk, as many as the plain loss. A trainable or wrapped head (e.g.
+``lm_head`` among the LoRA targets) instead recomputes each chunk in the backward pass (activation checkpointing):
+one matmul more.
 """
 
 from __future__ import annotations
@@ -44,6 +50,42 @@ def _chunk_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.n
     if softcap is not None:  # Gemma 3n caps its final logits (Gemma 3 does not)
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` over chunks of rows, its input gradient computed on the way.
+
+    Keeps only the (rows × hidden) gradient for the backward pass, never a chunk's logits. ``weight`` is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size, divisor):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, targets.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).float()
+            capped = None
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            log_norm = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[rows, None]).squeeze(1)
+            total += (log_norm - picked).sum()
+            if grad_hidden is None:
+                continue
+            grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place: d(loss)/d(logits) = softmax - one-hot
+            grad[torch.arange(grad.shape[0], device=grad.device), targets[rows]] -= 1
+            if capped is not None:  # through c·tanh(z / c): times 1 - tanh²
+                grad.mul_(1 - capped.square_())
+            grad_hidden[rows] = (grad / divisor).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def chunked_causal_lm_loss(
