@@ -19,6 +19,7 @@ _EXPORTS = {
     "dataset": ["DatasetStats", "PersianChatDataset", "bundled_corpus_path", "clean_conversation"],
     "errors": ["InvalidRecordError", "MissingExtraError", "NonFiniteError", "PersianQLoRAError", "TemplateError"],
     "generation": ["evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
+    "loss": ["chunked_causal_lm_loss"],
     "masking": ["GemmaTurnMarkers", "model_turn_labels"],
     "merging": ["MergeResult", "merge_to_fp16"],
     "metrics": ["corpus_scores", "sentence_scores"],
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
         TemplateError,
     )
     from persian_qlora.generation import evaluation_pairs, generate, load_for_inference, stream_reply
+    from persian_qlora.loss import chunked_causal_lm_loss
     from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels
     from persian_qlora.merging import MergeResult, merge_to_fp16
     from persian_qlora.metrics import corpus_scores, sentence_scores
