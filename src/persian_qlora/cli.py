@@ -199,7 +199,7 @@ def _prepare_base(args: argparse.Namespace, extra: Sequence[str]) -> int:
         _print_base_notice(args.name)
         path = prepare_base(args.name, overwrite=args.overwrite)
     print(f"prepared base: {path} ({time.perf_counter() - started:.0f} s)")
-    print(f"use it as any checkpoint, e.g. persian-qlora train --model {path} --output-dir runs/mine")
+    print(f"use it as any checkpoint: persian-qlora train --model {path} --data YOUR.jsonl --output-dir runs/mine")
     return 0
 
 
