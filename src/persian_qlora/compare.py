@@ -256,6 +256,10 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             build_tiny_persian_lm(model_path)
         train_source = str(bundled_corpus_path("train"))
         test_source = config.test_data or str(bundled_corpus_path("test"))
+    elif config.run.gguf_file is not None:
+        from persian_qlora.bases import gguf_base
+
+        model_path = str(gguf_base(model_path, config.run.gguf_file))
 
     runs = [_in_fresh_process(method, config, model_path, train_source, test_source) for method in config.methods]
     report = {

@@ -122,6 +122,7 @@ def load_for_inference(
     quantization: Literal["8bit", "4bit"] | None = None,
     dtype=None,
     allow_pickle: bool = False,
+    gguf_file: str | Path | None = None,
     **load_kwargs: Any,
 ):
     """Load a merged model, or a base with a LoRA adapter, and its tokenizer, ready to generate.
@@ -130,13 +131,19 @@ def load_for_inference(
     ``quantization="8bit"`` (LLM.int8) or ``"4bit"`` (NF4) loads the weights quantised with bitsandbytes, leaving
     the LM head and Gemma 3n's AltUp linears unquantised as in training. The generation config stops on ``<eos>``
     and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training saved one there.
-    Weights and adapters load from safetensors only unless ``allow_pickle=True``. Returns ``(model, tokenizer)``.
+    Weights and adapters load from safetensors only unless ``allow_pickle=True``. A ``gguf_file`` (as in
+    transformers) is converted once into a cached checkpoint (:func:`~persian_qlora.bases.gguf_base`), which is
+    loaded like any other. Returns ``(model, tokenizer)``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from persian_qlora.modeling import FULL_PRECISION_MODULES, default_bnb_config, load_adapter, resolve_dtype
 
     dtype = resolve_dtype(dtype)
+    if gguf_file is not None:
+        from persian_qlora.bases import gguf_base
+
+        path_or_id = gguf_base(path_or_id, gguf_file)
     if quantization == "4bit":
         load_kwargs["quantization_config"] = default_bnb_config(dtype)
     elif quantization == "8bit":

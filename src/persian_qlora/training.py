@@ -305,7 +305,8 @@ class RunConfig:
     """One fine-tuning run: what to train, on what, and how. Read from YAML with :meth:`load`.
 
     ``tiny=True`` is the offline preset: a tiny random Gemma 3 from :mod:`persian_qlora.testing` and the bundled
-    corpus, in place of ``model`` and ``data``.
+    corpus, in place of ``model`` and ``data``. ``gguf_file`` names a GGUF checkpoint in (or instead of)
+    ``model``, converted once into a cached ordinary checkpoint (:func:`~persian_qlora.bases.gguf_base`).
     """
 
     method: Literal["qlora", "lora"] = "qlora"
@@ -313,6 +314,7 @@ class RunConfig:
     data: str = "mshojaei77/persian-gk"
     split: str = "train"
     tiny: bool = False
+    gguf_file: str | None = None
     quant_storage: str | None = None  # QLoRA only: "bfloat16" for FSDP-QLoRA (see docs/multi-gpu.md)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -403,6 +405,10 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
             if not (output_dir / "tiny-base" / "config.json").exists():
                 build_tiny_gemma(model_path, "gemma3")
         data = str(bundled_corpus_path("train"))
+    elif config.gguf_file is not None:
+        from persian_qlora.bases import gguf_base
+
+        model_path = str(gguf_base(model_path, config.gguf_file))  # the same checkpoint for QLoRA and LoRA
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = PersianChatDataset(data, tokenizer, split=config.split, max_length=config.train.max_length)
