@@ -179,15 +179,21 @@ def merge_to_fp16(
 
     Writes safetensors shards (``max_shard_size``, default 2 GB), the tokenizer (the adapter's if it was saved with
     one), the generation config and a model card. The directory appears only when complete; an existing one is
-    refused unless ``overwrite=True``. ``quant_dtype`` (``merge_base="nf4"``) is the dtype the base was loaded in for
-    4-bit quantisation during training; by default the checkpoint's own. ``verify=True`` reloads the result and
-    reports the largest absolute logit difference against base+adapter on a probe conversation. Weights and the
-    adapter are read from safetensors only, unless ``allow_pickle=True``. ``gguf_file`` takes a GGUF base as the
-    builders do: its cached bf16 conversion (:func:`~persian_qlora.bases.gguf_base`) is the base.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    refused unless ``overwrite=True``.
 
-    from persian_qlora.modeling import load_adapter
+    ``quant_dtype`` (``merge_base="nf4"``) is the dtype the base was loaded in for 4-bit quantisation during
+    training, since NF4 of a bf16 tensor and of its fp32 copy differ; by default the one :func:`build_qlora_model`
+    picks on this machine (:func:`~persian_qlora.modeling.resolve_dtype`: bf16 on a GPU that has it, else fp32).
+    Pass it when merging on another kind of machine than the one that trained.
+
+    ``verify=True`` reloads the result and reports the largest absolute logit difference against base+adapter on a
+    probe conversation. Weights and the adapter are read from safetensors only, unless ``allow_pickle=True``.
+    ``gguf_file`` takes a GGUF base as the builders do: its cached bf16 conversion
+    (:func:`~persian_qlora.bases.gguf_base`) is the base.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persian_qlora.modeling import load_adapter, resolve_dtype
 
     if merge_base not in ("original", "nf4"):
         raise ValueError(f"merge_base must be 'original' or 'nf4', got {merge_base!r}")
@@ -204,9 +210,7 @@ def merge_to_fp16(
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load_kwargs)
     if merge_base == "nf4":
-        stored = AutoConfig.from_pretrained(base, **load_kwargs).get_text_config().dtype
-        quant_dtype = quant_dtype or (getattr(torch, str(stored).removeprefix("torch.")) if stored else torch.float32)
-        count = _dequantize_nf4_into(model, base, quant_dtype, load_kwargs)
+        count = _dequantize_nf4_into(model, base, resolve_dtype(quant_dtype), load_kwargs)
         logger.info("replaced %d linear weights with their NF4 round trip", count)
     model = load_adapter(model, adapter, allow_pickle=allow_pickle)
     reference = _probe_logits(model, tokenizer) if verify else None
