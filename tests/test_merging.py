@@ -13,16 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from persian_qlora import PersianChatDataset, PersianQLoRAError
 from persian_qlora.merging import merge_to_fp16
 from persian_qlora.modeling import build_qlora_model
+from persian_qlora.testing import build_tiny_gemma
 from persian_qlora.training import TrainConfig, make_trainer
 
 # fp16 weights against the fp32 base+adapter: measured max |Δlogit| is about 1e-3 on the tiny models.
 LOGIT_TOLERANCE = 1e-2
 
 
-@pytest.fixture(scope="module", params=["tiny_gemma3_path", "tiny_gemma3n_path"])
-def trained(request, tmp_path_factory):
-    """A base and a QLoRA adapter trained hard enough that merging it changes the logits."""
-    base = request.getfixturevalue(request.param)
+def _train_hard(base, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(base)
     adapter = tmp_path_factory.mktemp("adapter")
     config = TrainConfig(
@@ -38,6 +36,19 @@ def trained(request, tmp_path_factory):
     trainer.train()
     trainer.save_model()
     return base, adapter
+
+
+@pytest.fixture(scope="module", params=["tiny_gemma3_path", "tiny_gemma3n_path"])
+def trained(request, tmp_path_factory):
+    """A base and a QLoRA adapter trained hard enough that merging it changes the logits."""
+    return _train_hard(request.getfixturevalue(request.param), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained_on_bf16_checkpoint(tmp_path_factory):
+    """As ``trained``, from a checkpoint stored in bf16 (as real Gemma is) and quantised from fp32 on CPU."""
+    base = build_tiny_gemma(tmp_path_factory.mktemp("bf16-base"), "gemma3", dtype=torch.bfloat16)
+    return _train_hard(base, tmp_path_factory)
 
 
 def _logits(model, tokenizer):
@@ -71,12 +82,14 @@ def test_merged_model_matches_base_plus_adapter(trained, tmp_path, merge_base):
         assert not any(key.startswith("lm_head") for key in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
 
-def test_nf4_merge_reproduces_the_trained_qlora_model_best(trained, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["trained", "trained_on_bf16_checkpoint"])
+def test_nf4_merge_reproduces_the_trained_qlora_model_best(request, checkpoint, tmp_path):
     """The NF4 base reproduces what QLoRA trained (4-bit base + adapter); the original base carries the NF4 error.
 
-    Merged in fp32 here, so that fp16 rounding does not hide the difference between the two bases.
+    Merged in fp32 here, so that fp16 rounding does not hide the difference between the two bases. A bf16
+    checkpoint must be re-quantised from the dtype training loaded it in (fp32 on CPU), not from its stored bf16.
     """
-    base, adapter = trained
+    base, adapter = request.getfixturevalue(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(base)
     from persian_qlora.modeling import default_bnb_config
 
