@@ -49,7 +49,7 @@ class CompareConfig:
     max_new_tokens: int = 256
     eval_batch_size: int = 8
     merge_methods: tuple[str, ...] = ("qlora",)
-    merge_bases: tuple[str, ...] = ("nf4",)
+    merge_bases: tuple[str, ...] = ("original",)
     perplexity: bool = False
     model_label: str | None = None
     samples: int = 3
@@ -83,8 +83,9 @@ def demo_config(
     model needs a larger step and a few passes. Every other training setting is the recipe's.
     ``repetition_penalty=1.3`` keeps a tiny model's greedy decoding from looping on one token; it applies to every
     run alike, before and after.
-    Real: the recipe with :data:`REAL_DEMO_OVERRIDES` (sized to about half an hour on 2 CPU cores), plain greedy
-    decoding, perplexity everywhere, and the merge-base study: the QLoRA adapter as trained against both merges.
+    Real: the recipe with :data:`REAL_DEMO_OVERRIDES` (sized from measured parts to half an hour on 2 CPU cores;
+    the whole run measured 37 minutes, docs/results.md), plain greedy decoding, perplexity everywhere, and the
+    merge-base study: the QLoRA adapter as trained against both merges.
     ``overrides`` are training settings (as for ``persian-qlora train``) applied last, e.g. ``{"max_steps": 2}``
     for a smoke run.
     """
