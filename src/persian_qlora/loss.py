@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from persian_qlora.masking import IGNORE_INDEX
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "chunked_causal_lm_loss", "final_hidden_states"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "chunked_causal_lm_loss", "final_hidden_states", "lean_model_loss"]
 
 DEFAULT_CHUNK_SIZE = 256  # rows per chunk: 256 MiB of fp32 logits at Gemma's vocabulary
 
@@ -118,3 +118,27 @@ def chunked_causal_lm_loss(
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def lean_model_loss(
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    *,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **inputs,
+) -> torch.Tensor:
+    """:func:`chunked_causal_lm_loss` of ``model`` (a Gemma causal LM, possibly wrapped by peft, DDP or accelerate)
+    on ``inputs``, with its LM head and final-logit soft-cap: what the trainer and ``perplexity()`` compute."""
+    from accelerate.utils import extract_model_from_parallel
+    from transformers.trainer_utils import unwrap_peft_model
+
+    causal_lm = unwrap_peft_model(extract_model_from_parallel(model))
+    return chunked_causal_lm_loss(
+        final_hidden_states(model, causal_lm, **inputs),
+        labels,
+        causal_lm.get_output_embeddings(),
+        softcap=causal_lm.config.get_text_config().final_logit_softcapping,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+    )

@@ -23,17 +23,14 @@ def perplexity(model, tokenizer, dataset: Sequence[Mapping[str, Any]], *, batch_
 
     ``dataset`` holds tokenized conversations with labels: a :class:`~persian_qlora.PersianChatDataset` or a list
     of its items. They are collated with :class:`~persian_qlora.GemmaChatCollator` (right padding, by similar
-    length) and scored with training's lean loss (:func:`~persian_qlora.loss.chunked_causal_lm_loss`), which
+    length) and scored with training's lean loss (:func:`~persian_qlora.loss.lean_model_loss`), which
     projects only the labelled positions onto the vocabulary. The result does not depend on ``batch_size`` beyond
     float rounding.
     """
-    from transformers.trainer_utils import unwrap_peft_model
-
     from persian_qlora.collator import GemmaChatCollator
-    from persian_qlora.loss import chunked_causal_lm_loss, final_hidden_states
+    from persian_qlora.loss import lean_model_loss
 
     collator = GemmaChatCollator.for_model(tokenizer, model)
-    causal_lm = unwrap_peft_model(model)
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
@@ -44,15 +41,8 @@ def perplexity(model, tokenizer, dataset: Sequence[Mapping[str, Any]], *, batch_
             features = [dataset[i] for i in order[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collator(features).items()}
             labels = batch.pop("labels")
-            total_nll += float(
-                chunked_causal_lm_loss(  # only the labelled positions meet the 262k-token vocabulary
-                    final_hidden_states(model, causal_lm, **batch, use_cache=False),
-                    labels,
-                    causal_lm.get_output_embeddings(),
-                    softcap=causal_lm.config.get_text_config().final_logit_softcapping,
-                    num_items_in_batch=1,  # the sum
-                )
-            )
+            # Only the labelled positions meet the 262k-token vocabulary; num_items_in_batch=1 keeps the sum.
+            total_nll += float(lean_model_loss(model, labels, num_items_in_batch=1, **batch, use_cache=False))
             total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())  # the loss shifts labels by one
     if was_training:
         model.train()

@@ -18,12 +18,11 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import unwrap_peft_model
 
 from persian_qlora._files import atomic_write_text
 from persian_qlora.collator import GemmaChatCollator
 from persian_qlora.errors import NonFiniteError
-from persian_qlora.loss import DEFAULT_CHUNK_SIZE, chunked_causal_lm_loss, final_hidden_states
+from persian_qlora.loss import DEFAULT_CHUNK_SIZE, lean_model_loss
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.measure import PhaseMeter
 from persian_qlora.modeling import LoraSettings
@@ -207,15 +206,8 @@ class _Trainer(Trainer):
         if not self.lean_loss or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
-        causal_lm = unwrap_peft_model(self.accelerator.unwrap_model(model))
-        loss = chunked_causal_lm_loss(
-            final_hidden_states(model, causal_lm, **inputs),
-            labels,
-            causal_lm.get_output_embeddings(),
-            softcap=causal_lm.config.get_text_config().final_logit_softcapping,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=self.loss_chunk_size,
-        )
+        chunk = self.loss_chunk_size
+        loss = lean_model_loss(model, labels, num_items_in_batch=num_items_in_batch, chunk_size=chunk, **inputs)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
         return loss
