@@ -2,15 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU torch for development and CI (installs from local disk here); the package itself accepts a range.
-TORCH ?= torch==2.13.0
+# torch for development and CI (both lie on this machine's disk): torchvision, which timm needs for the tiny Gemma 3n
+# multimodal fixture, exists here only beside torch 2.14.1 (a CUDA build; it runs on the CPU). The wheel check
+# installs the smaller CPU build. The package itself accepts a range.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+WHEEL_TORCH ?= torch==2.13.0
 
 .PHONY: install real-extra demo demo-real test test-real lint bench docs package-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
@@ -54,7 +57,7 @@ package-check: install
 	$(BIN)/python -m build --outdir dist .
 	$(BIN)/python -m twine check --strict dist/*
 	$(PYTHON) -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(WHEEL_VENV)/bin/python -m pip install -q "$(WHEEL_TORCH)"
 	$(WHEEL_VENV)/bin/python -m pip install -q -c constraints.txt dist/*.whl
 	mkdir -p build
 	cd build && ../$(WHEEL_VENV)/bin/python -c "import persian_qlora, sys; print('import ok', persian_qlora.__version__, persian_qlora.__file__)"
