@@ -17,8 +17,10 @@ import tempfile
 import torch
 from peft import prepare_model_for_kbit_training
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+from transformers.quantizers.quantizers_utils import should_convert_module
 
-from persian_qlora.modeling import FULL_PRECISION_MODULES, build_qlora_model
+from persian_qlora.families import never_quantised
+from persian_qlora.modeling import build_qlora_model
 from persian_qlora.testing import build_tiny_gemma
 
 
@@ -41,7 +43,7 @@ with torch.device("meta"):
     e4b = Gemma3nForCausalLM(config)
 quantised = 0
 for name, module in e4b.named_modules():
-    if isinstance(module, torch.nn.Linear) and not name.endswith(FULL_PRECISION_MODULES):
+    if isinstance(module, torch.nn.Linear) and should_convert_module(name, never_quantised()):
         quantised += module.weight.numel()
 tied = e4b.lm_head.weight is e4b.get_input_embeddings().weight
 total = sum(p.numel() for p in e4b.parameters())  # tied weights counted once

@@ -41,13 +41,15 @@ def test_gemma3n_altup_and_lm_head_stay_unquantized(tiny_gemma3n_path):
             assert type(module) is torch.nn.Linear, name
 
 
-def test_no_adapter_on_the_vision_tower(tiny_gemma3_vision_path):
+def test_no_adapter_on_the_vision_tower_of_a_whole_model(tiny_gemma3_vision_path):
     for builder in (build_qlora_model, build_lora_model):
-        layers = _lora_layers(builder(tiny_gemma3_vision_path))
+        layers = _lora_layers(builder(tiny_gemma3_vision_path, text_only=False))
         assert len(layers) == 14
         assert all(".language_model." in name for name in layers), sorted(layers)
     # A user's LoraConfig with short names is confined to the language model too.
-    custom = build_lora_model(tiny_gemma3_vision_path, lora=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    custom = build_lora_model(
+        tiny_gemma3_vision_path, text_only=False, lora=LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     assert all(".language_model." in name for name in _lora_layers(custom))
 
 
@@ -62,7 +64,24 @@ def test_preparation_never_upcasts_embeddings(request, fixture):
 def test_fp16_is_refused_for_gemma(tiny_gemma3_path):
     with pytest.raises(PersianQLoRAError, match="fp16 compute is refused"):
         build_qlora_model(tiny_gemma3_path, dtype=torch.float16)
-    assert resolve_dtype() == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((7, 5), torch.float32), ((7, 0), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+    ids=["T4", "V100", "A100", "H100"],
+)
+def test_gpus_without_native_bf16_compute_in_fp32(monkeypatch, capability, expected):
+    """A T4 reports bf16 as supported (emulated), so the choice must come from the compute capability."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_dtype() == expected
+
+
+def test_the_cpu_computes_in_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype() == torch.float32
 
 
 @pytest.mark.parametrize("builder", [build_qlora_model, build_lora_model], ids=["qlora", "lora"])

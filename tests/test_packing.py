@@ -148,15 +148,15 @@ def test_a_batch_with_no_trained_token_still_backpropagates(frozen):
     assert loss.item() == 0.0 and hidden.grad is not None
 
 
-def _one_accumulated_step(path, tmp_path, **settings):
+def _one_accumulated_step(path, tmp_path, batch=4, accumulation=2, text_only=True, **settings):
     tokenizer = AutoTokenizer.from_pretrained(path)
     dataset = PersianChatDataset.bundled(tokenizer, max_length=160)
     samples = [dataset[i] for i in range(8)]  # 2 micro-batches of 4, of unequal trained-token counts
     config = TrainConfig(
         output_dir=str(tmp_path),
         max_steps=1,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         learning_rate=1e-2,
         warmup_steps=0,
         optim="sgd",
@@ -166,7 +166,7 @@ def _one_accumulated_step(path, tmp_path, **settings):
     )
     torch.manual_seed(0)
     random_b = LoraSettings(extra={"init_lora_weights": False})  # every LoRA weight gets a gradient
-    model = build_lora_model(path, lora=random_b)
+    model = build_lora_model(path, lora=random_b, text_only=text_only)
     trainer = make_trainer(model, tokenizer, samples, config=config)
     trainer.train()
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, trainer
@@ -185,6 +185,33 @@ def test_every_training_setting_takes_the_same_accumulated_step(tiny_gemma3_path
         weights, _ = _one_accumulated_step(tiny_gemma3_path, tmp_path / name, **settings)
         moved = max((weights[n] - reference[n]).abs().max().item() for n in reference)
         assert moved < 1e-6, (name, moved)
+
+
+LOADS = [
+    ("tiny_gemma3_path", True),
+    ("tiny_gemma3n_path", True),
+    ("tiny_gemma3_vision_hub_path", True),
+    ("tiny_gemma3_vision_hub_path", False),
+    ("tiny_gemma3n_multimodal_hub_path", True),
+    ("tiny_gemma3n_multimodal_hub_path", False),
+]
+
+
+@pytest.mark.parametrize("lean_loss", [True, False], ids=["lean", "plain"])
+@pytest.mark.parametrize(
+    ("fixture", "text_only"), LOADS, ids=[f"{f[5:-5]}-{'text' if t else 'whole'}" for f, t in LOADS]
+)
+def test_gradient_accumulation_weighs_every_token_alike_in_every_family(
+    request, tmp_path, fixture, text_only, lean_loss
+):
+    """Two accumulated micro-batches of 4 take the step one batch of 8 takes, though their token counts differ:
+    the multimodal classes too, which transformers would otherwise average per micro-batch."""
+    path = request.getfixturevalue(fixture)
+    settings = {"text_only": text_only, "lean_loss": lean_loss}
+    whole, _ = _one_accumulated_step(path, tmp_path / "8x1", batch=8, accumulation=1, **settings)
+    accumulated, _ = _one_accumulated_step(path, tmp_path / "4x2", **settings)
+    moved = max((accumulated[n] - whole[n]).abs().max().item() for n in whole)
+    assert moved < 1e-6, moved
 
 
 def test_padding_free_and_pad_to_multiple_of_exclude_each_other(tiny_tokenizer):

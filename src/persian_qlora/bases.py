@@ -124,8 +124,8 @@ def prepare_gguf_base(
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
 
     from persian_qlora._files import staged_directory
+    from persian_qlora.chat_template import gemma3_chat_template
     from persian_qlora.masking import GemmaTurnMarkers
-    from persian_qlora.testing import gemma3_chat_template
 
     gguf_file, output_dir = Path(gguf_file), Path(output_dir)
     if not gguf_file.is_file():

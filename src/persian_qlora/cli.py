@@ -22,7 +22,7 @@ _TRAINED_OPEN, _TRAINED_CLOSE = "⟦", "⟧"
 def _load_tokenizer(name_or_path: str | None):
     """The given tokenizer, or (by default) the tiny Gemma-style one trained on the bundled corpus, offline."""
     if name_or_path is None:
-        from persian_qlora.testing import build_tiny_tokenizer
+        from persian_qlora.tiny import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer

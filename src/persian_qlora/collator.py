@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import DataCollatorWithFlattening
 
+from persian_qlora.families import family_of
 from persian_qlora.masking import IGNORE_INDEX, GemmaTurnMarkers, model_turn_labels
 
 __all__ = ["GemmaChatCollator"]
@@ -29,8 +29,9 @@ class GemmaChatCollator:
     Otherwise rows are padded on the right, whatever the tokenizer's ``padding_side`` (that one is for
     generation); padded positions get label -100 and attention 0.
 
-    ``return_token_type_ids`` adds zeros, which ``Gemma3ForConditionalGeneration`` requires when training
-    (text tokens are type 0); :meth:`for_model` sets it from the model's ``forward`` signature.
+    ``return_token_type_ids`` adds zeros (text tokens are type 0) for the families whose forward reads them, such
+    as the whole multimodal Gemma 3; :meth:`for_model` sets it from the model's family
+    (:mod:`persian_qlora.families`).
     """
 
     def __init__(
@@ -56,9 +57,8 @@ class GemmaChatCollator:
 
     @classmethod
     def for_model(cls, tokenizer, model, **kwargs: Any) -> GemmaChatCollator:
-        """A collator that adds ``token_type_ids`` exactly when ``model.forward`` takes them."""
-        accepts = "token_type_ids" in inspect.signature(model.forward).parameters
-        return cls(tokenizer, return_token_type_ids=accepts, **kwargs)
+        """A collator that adds ``token_type_ids`` exactly when the model's family needs them."""
+        return cls(tokenizer, return_token_type_ids=family_of(model).needs_token_type_ids, **kwargs)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:

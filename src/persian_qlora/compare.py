@@ -33,7 +33,7 @@ class CompareConfig:
     """What to compare and how to evaluate. ``run`` is the shared training setup (its ``method`` is ignored).
 
     ``test_data=None`` evaluates on ``test_split`` of the training source. With ``run.tiny``, the base is
-    :func:`~persian_qlora.testing.build_tiny_persian_lm` (cached in ``output_dir``) and the data the bundled
+    :func:`~persian_qlora.tiny.build_tiny_persian_lm` (cached in ``output_dir``) and the data the bundled
     corpus's fixed splits. The runs in ``merge_methods`` are merged into fp16 once per base in ``merge_bases``
     (``"original"``, ``"nf4"``; see :func:`~persian_qlora.merge_to_fp16`), and each merged model is evaluated too.
     ``perplexity=True`` adds the test conversations' model-turn perplexity to every evaluation.
@@ -249,7 +249,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     model_path, train_source = config.run.model, config.run.data
     test_source = config.test_data or config.run.data
     if config.run.tiny:
-        from persian_qlora.testing import build_tiny_persian_lm
+        from persian_qlora.tiny import build_tiny_persian_lm
 
         model_path = str(output_dir / "tiny-base")
         if not (output_dir / "tiny-base" / "config.json").exists():

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from persian_qlora.errors import InvalidRecordError, PersianQLoRAError
+from persian_qlora.families import reserved_tokens
 from persian_qlora.masking import IGNORE_INDEX, GemmaTurnMarkers, model_turn_labels
 from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig, normalize_persian
 
@@ -51,8 +52,6 @@ _ROLE_ALIASES = {
     "gpt": "assistant",
     "bot": "assistant",
 }
-# Text that the tokenizer would turn into Gemma control tokens: inside content it would forge turn boundaries.
-_CONTROL_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>")
 _PERSIAN_WORD = re.compile("[\u0600-\u06ff\u200c]*[\u0620-\u064a\u067e-\u06d3][\u0600-\u06ff\u200c]*")
 _SPLITS = ("train", "test")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -284,13 +283,14 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
 
 def _reject_control_tokens(content: str, where: str, index: int) -> None:
     # Checked after normalisation, which could otherwise assemble a token from "<start_\u200dof_turn>".
-    for token in _CONTROL_TOKENS:
+    # Any family's tokens: the data does not know which Gemma it will train, and none may carry these in text.
+    for token in reserved_tokens():
         if token in content:
             raise InvalidRecordError(
                 where,
                 "control token in content",
-                f"content contains the Gemma control token {token!r}, which would forge a turn boundary; "
-                "remove it from the data",
+                f"content contains the Gemma control token {token!r}, which the tokenizer would read as a turn "
+                "boundary or a media placeholder, not as text; remove it from the data",
                 index,
             )
 

@@ -121,42 +121,56 @@ def load_for_inference(
     *,
     quantization: Literal["8bit", "4bit"] | None = None,
     dtype=None,
+    text_only: bool | None = None,
     allow_pickle: bool = False,
     gguf_file: str | Path | None = None,
     **load_kwargs: Any,
 ):
     """Load a merged model, or a base with a LoRA adapter, and its tokenizer, ready to generate.
 
-    ``dtype``: bf16 on a GPU that supports it, else fp32; fp16 is refused for Gemma (see ``resolve_dtype``).
+    ``dtype``: bf16 on a GPU with native bf16, else fp32; fp16 is refused for Gemma (see ``resolve_dtype``).
     ``quantization="8bit"`` (LLM.int8) or ``"4bit"`` (NF4) loads the weights quantised with bitsandbytes, leaving
-    the LM head and Gemma 3n's AltUp linears unquantised as in training. The generation config stops on ``<eos>``
-    and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training saved one there.
-    Weights and adapters load from safetensors only unless ``allow_pickle=True``. A ``gguf_file`` (as in
-    transformers) is converted once into a cached checkpoint (:func:`~persian_qlora.bases.gguf_base`), which is
-    loaded like any other. Returns ``(model, tokenizer)``.
+    the LM head, Gemma 3n's AltUp linears and any tower unquantised as in training. A multimodal checkpoint loads
+    its language model alone unless ``text_only=False``; with an adapter, the default is how the adapter's base was
+    loaded in training (its ``base_loading.json``), and a contradicting ``text_only`` is refused, since the
+    adapter's weights are named after that model. The model lands on the GPU when there is one. The generation
+    config stops on ``<eos>`` and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training
+    saved one there. Weights and adapters load from safetensors only unless ``allow_pickle=True``. A ``gguf_file``
+    (as in transformers) is converted once into a cached checkpoint (:func:`~persian_qlora.bases.gguf_base`), which
+    is loaded like any other. Returns ``(model, tokenizer)``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig
 
-    from persian_qlora.modeling import FULL_PRECISION_MODULES, default_bnb_config, load_adapter, resolve_dtype
+    from persian_qlora.errors import PersianQLoRAError
+    from persian_qlora.families import never_quantised
+    from persian_qlora.loading import default_bnb_config, load_base, read_provenance, resolve_dtype
+    from persian_qlora.modeling import load_adapter
 
     dtype = resolve_dtype(dtype)
-    if gguf_file is not None:
-        from persian_qlora.bases import gguf_base
-
-        path_or_id = gguf_base(path_or_id, gguf_file)
+    trained = read_provenance(adapter) if adapter is not None else None
+    if trained is not None:
+        if text_only is not None and text_only != trained.text_only:
+            how = "its language model alone" if trained.text_only else "the whole model"
+            raise PersianQLoRAError(
+                f"the adapter in {adapter} was trained on {how} ({trained.architecture}); load it with "
+                f"text_only={trained.text_only}, or leave text_only unset"
+            )
+        text_only = trained.text_only
     if quantization == "4bit":
         load_kwargs["quantization_config"] = default_bnb_config(dtype)
     elif quantization == "8bit":
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_skip_modules=list(FULL_PRECISION_MODULES)
+            load_in_8bit=True, llm_int8_skip_modules=never_quantised()
         )
         # LLM.int8 always multiplies in fp16 internally and warns about it on every call.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     elif quantization is not None:
         raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
     load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: either format
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **load_kwargs)
-    tokenizer_source = path_or_id
+    model, loading = load_base(
+        path_or_id, text_only=True if text_only is None else text_only, dtype=dtype, gguf_file=gguf_file, **load_kwargs
+    )
+    tokenizer_source = loading.base
     if adapter is not None:
         model = load_adapter(model, adapter, allow_pickle=allow_pickle)
         if (Path(adapter) / "tokenizer_config.json").exists():

@@ -133,12 +133,14 @@ def lean_model_loss(
     from accelerate.utils import extract_model_from_parallel
     from transformers.trainer_utils import unwrap_peft_model
 
+    from persian_qlora.families import family_of
+
     causal_lm = unwrap_peft_model(extract_model_from_parallel(model))
     return chunked_causal_lm_loss(
         final_hidden_states(model, causal_lm, **inputs),
         labels,
         causal_lm.get_output_embeddings(),
-        softcap=causal_lm.config.get_text_config().final_logit_softcapping,
+        softcap=family_of(causal_lm).final_logit_softcap(causal_lm.config),
         num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size,
     )

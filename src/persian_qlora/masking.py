@@ -39,7 +39,7 @@ class GemmaTurnMarkers:
             if token_id is None or token_id == tokenizer.unk_token_id:
                 raise TemplateError(
                     f"the tokenizer has no single token {token!r}; persian-qlora trains Gemma chat models and "
-                    "needs a Gemma tokenizer (or one built by persian_qlora.testing.build_tiny_tokenizer)"
+                    "needs a Gemma tokenizer (or one built by persian_qlora.tiny.build_tiny_tokenizer)"
                 )
             ids[token] = token_id
         header = tokenizer.encode("<start_of_turn>model\n", add_special_tokens=False)

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from persian_qlora.errors import PersianQLoRAError
+from persian_qlora.loading import BaseLoading, default_bnb_config, load_base, resolve_dtype
 
 __all__ = [
+    "BaseLoading",
     "LoraSettings",
     "build_lora_model",
     "build_qlora_model",
@@ -28,10 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("persian_qlora")
-
-# Gemma 3n's AltUp linears are clamped in place during training and break when 4-bit, and the LM head is tied
-# to the embedding: none of them is quantised.
-FULL_PRECISION_MODULES = ("lm_head", "correction_coefs", "prediction_coefs", "modality_router")
 
 
 @dataclass
@@ -58,48 +56,6 @@ class LoraSettings:
             task_type="CAUSAL_LM",
             **self.extra,
         )
-
-
-def resolve_dtype(requested: torch.dtype | str | None = None) -> torch.dtype:
-    """The compute dtype: bf16 on a GPU that supports it, else fp32 (CPU included). fp16 is refused.
-
-    Gemma was trained in bf16 and overflows in fp16 (inf/NaN activations on T4-class GPUs), so fp16 compute is
-    never a safe choice for it.
-    """
-    if isinstance(requested, str):
-        requested = getattr(torch, requested.removeprefix("torch."), None) if requested != "auto" else None
-        if requested is not None and not isinstance(requested, torch.dtype):
-            raise ValueError(f"unknown dtype {requested!r}")
-    if requested == torch.float16:
-        raise PersianQLoRAError(
-            "fp16 compute is refused for Gemma: its activations overflow fp16 (inf/NaN, as seen on T4 GPUs). "
-            "Use bf16 on a GPU that supports it, or fp32"
-        )
-    if requested is not None:
-        return requested
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def default_bnb_config(compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | str | None = None):
-    """NF4 with double quantisation, as in the QLoRA paper; AltUp linears and the LM head stay unquantised.
-
-    ``quant_storage`` is the dtype the packed 4-bit weights are stored in (default uint8). FSDP-QLoRA needs it
-    equal to the dtype of the other weights (bf16), so that FSDP can flatten all parameters together.
-    """
-    from transformers import BitsAndBytesConfig
-
-    if isinstance(quant_storage, str):
-        quant_storage = getattr(torch, quant_storage.removeprefix("torch."))
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=resolve_dtype(compute_dtype),
-        bnb_4bit_quant_storage=quant_storage or torch.uint8,
-        llm_int8_skip_modules=list(FULL_PRECISION_MODULES),
-    )
 
 
 def language_model_targets(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[str]:
@@ -168,7 +124,6 @@ def _disable_cpu_weight_repacking(model: nn.Module) -> None:
 def _build(
     model_id_or_path: str,
     *,
-    gguf_file: str | None,
     quantization_config,
     dtype: torch.dtype,
     lora: LoraSettings | Any | None,
@@ -176,16 +131,8 @@ def _build(
     **load_kwargs: Any,
 ):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    if gguf_file is not None:
-        from persian_qlora.bases import gguf_base
-
-        model_id_or_path = str(gguf_base(model_id_or_path, gguf_file))
-    load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id_or_path, dtype=dtype, quantization_config=quantization_config, **load_kwargs
-    )
+    model, loading = load_base(model_id_or_path, dtype=dtype, quantization_config=quantization_config, **load_kwargs)
     if quantization_config is not None:
         _disable_cpu_weight_repacking(model)
     _prepare_for_training(model, gradient_checkpointing)
@@ -197,9 +144,10 @@ def _build(
     else:
         peft_config = lora.to_peft(model)
     model = get_peft_model(model, peft_config)
+    model.base_loading = loading  # saved beside the adapter by the trainer (base_loading.json)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
-        "%s: %d trainable LoRA parameters of %d (%.3f%%)", model_id_or_path, trainable, total, 100 * trainable / total
+        "%s: %d trainable LoRA parameters of %d (%.3f%%)", loading.base, trainable, total, 100 * trainable / total
     )
     return model
 
@@ -211,6 +159,7 @@ def build_qlora_model(
     lora: LoraSettings | Any | None = None,
     bnb_config: Any | None = None,
     dtype: torch.dtype | str | None = None,
+    text_only: bool = True,
     gradient_checkpointing: bool = True,
     **load_kwargs: Any,
 ):
@@ -218,15 +167,19 @@ def build_qlora_model(
 
     ``lora`` is a :class:`LoraSettings` (default: r=8, alpha=16, dropout 0, the 7 attention/MLP projections) or a
     ``peft.LoraConfig`` (a list of target names in it is also confined to the language model). ``bnb_config``
-    replaces :func:`default_bnb_config`. ``dtype`` is the compute dtype (default: bf16 on a capable GPU, fp32
-    otherwise) and the dtype of the unquantised weights. Other keyword arguments go to ``from_pretrained``
-    (``device_map``, ``attn_implementation``, ``revision``...); weights load from safetensors only unless
-    ``use_safetensors=None`` is passed.
+    replaces :func:`default_bnb_config`. ``dtype`` is the compute dtype (default: bf16 on a GPU with native bf16,
+    fp32 otherwise, see :func:`resolve_dtype`) and the dtype of the unquantised weights.
+
+    A multimodal checkpoint (Gemma 3n E4B, Gemma 3 4B) loads its language model alone unless ``text_only=False``,
+    which loads the towers too: frozen, unquantised and without LoRA. The model lands on the GPU when there is one;
+    Gemma 3n's per-layer embeddings then stay in host memory (``per_layer_embeddings_on_host``, see
+    :func:`~persian_qlora.loading.load_base`, which takes the other keyword arguments: ``device_map``,
+    ``attn_implementation``, ``revision``...; weights load from safetensors only unless ``use_safetensors=None``).
     ``gguf_file`` names a GGUF checkpoint as in transformers (a path, or a file in ``model_id_or_path``). It is
     converted once into a cached bf16 checkpoint (:func:`~persian_qlora.bases.gguf_base`) and the base loads from
     that: transformers cannot quantise a GGUF-loaded model with bitsandbytes, and QLoRA and LoRA must start from
     the same weights. Load the tokenizer from ``gguf_base(model_id_or_path, gguf_file)``.
-    Returns the ``peft.PeftModel``.
+    Returns the ``peft.PeftModel``; its ``base_loading`` records how the base was loaded.
     """
     dtype = resolve_dtype(dtype)
     return _build(
@@ -234,6 +187,7 @@ def build_qlora_model(
         gguf_file=gguf_file,
         quantization_config=bnb_config if bnb_config is not None else default_bnb_config(dtype),
         dtype=dtype,
+        text_only=text_only,
         lora=lora,
         gradient_checkpointing=gradient_checkpointing,
         **load_kwargs,
@@ -246,15 +200,17 @@ def build_lora_model(
     gguf_file: str | None = None,
     lora: LoraSettings | Any | None = None,
     dtype: torch.dtype | str | None = None,
+    text_only: bool = True,
     gradient_checkpointing: bool = True,
     **load_kwargs: Any,
 ):
-    """The same as :func:`build_qlora_model` on an unquantised 16-bit base (bf16; fp32 on CPU)."""
+    """The same as :func:`build_qlora_model` on an unquantised 16-bit base (bf16; fp32 on CPU and T4)."""
     return _build(
         model_id_or_path,
         gguf_file=gguf_file,
         quantization_config=None,
         dtype=resolve_dtype(dtype),
+        text_only=text_only,
         lora=lora,
         gradient_checkpointing=gradient_checkpointing,
         **load_kwargs,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer
+from persian_qlora.testing import build_hub_checkpoint, build_tiny_gemma, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,17 @@ def tiny_gemma3n_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gemma3_vision_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of a tiny random multimodal ``Gemma3ForConditionalGeneration`` (SigLIP vision tower)."""
     return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma3-vision"), "gemma3-vision")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_vision_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``Gemma3ForConditionalGeneration`` in ``google/gemma-3-4b-it``'s layout: sharded, with an index, the
+    processor configs and the hub's tensor names."""
+    return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma3-vision-hub"), "gemma3-vision")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3n_multimodal_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny whole ``Gemma3nForConditionalGeneration`` (timm vision tower, audio tower) in
+    ``google/gemma-3n-E4B-it``'s layout. Building it needs timm."""
+    return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma3n-multimodal-hub"), "gemma3n-multimodal")

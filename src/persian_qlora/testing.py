@@ -1,271 +1,88 @@
-"""Tiny random Gemma models and a Gemma-style tokenizer, built offline in seconds.
+"""The test kit: tiny Gemma checkpoints in the hub's layouts, and benchmark data of a chosen length distribution.
 
-Downstream projects use these for their own tests: ``build_tiny_gemma(path)`` writes a directory that
-``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load with no hub. The pytest
-fixtures live in :mod:`persian_qlora.pytest_plugin`.
-
-Dimensions are multiples of 64 because bitsandbytes' CPU 4-bit kernel asserts on smaller inner dimensions in
-no-grad mode, so the same tiny models serve QLoRA tests too.
+Downstream projects use these for their own tests; the pytest fixtures live in :mod:`persian_qlora.pytest_plugin`.
+The tiny models and tokenizer themselves are in :mod:`persian_qlora.tiny` (the offline demo uses them too) and are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
+from persian_qlora.chat_template import gemma3_chat_template
+from persian_qlora.tiny import (
+    DEMO_DIMS,
+    GEMMA_SPECIAL_TOKENS,
+    TinyArch,
+    build_tiny_gemma,
+    build_tiny_persian_lm,
+    build_tiny_tokenizer,
+)
 
 __all__ = [
+    "DEMO_DIMS",
     "GEMMA_SPECIAL_TOKENS",
     "TinyArch",
     "build_tiny_gemma",
+    "build_tiny_persian_lm",
+    "build_hub_checkpoint",
     "build_tiny_tokenizer",
     "chained_conversations",
     "gemma3_chat_template",
     "lognormal_lengths",
 ]
 
-TinyArch = Literal["gemma3", "gemma3n", "gemma3-vision"]
 
-# Gemma's control tokens, in the order of their ids in our tiny vocabulary (ids differ from the real one's,
-# which is why nothing in the library hard-codes ids: it looks them up by name).
-GEMMA_SPECIAL_TOKENS = (
-    "<pad>",
-    "<eos>",
-    "<bos>",
-    "<unk>",
-    "<mask>",
-    "<start_of_turn>",
-    "<end_of_turn>",
-    "<start_of_image>",
-    "<end_of_image>",
-    "<image_soft_token>",
-)
-_BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
-
-
-def gemma3_chat_template() -> str:
-    """The exact chat template that Google ships with Gemma 3 (and Gemma 3n) instruction-tuned tokenizers."""
-    return resources.files("persian_qlora").joinpath("data", "gemma3_chat_template.jinja").read_text(encoding="utf-8")
-
-
-def _training_texts() -> Iterable[str]:
-    from persian_qlora.dataset import bundled_corpus_path
-
-    for split in ("train", "test"):
-        for line in bundled_corpus_path(split).read_text(encoding="utf-8").splitlines():
-            for message in json.loads(line)["messages"]:
-                yield message["content"]
-    # A little English and code so that English text does not fall back to bytes at every letter.
-    yield "The quick brown fox jumps over the lazy dog. Python, Git, SQL, HTTP and JSON are everyday tools."
-    yield "def main():\n    print('hello world')\n    return 0\n"
-
-
-def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = None):
-    """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus.
-
-    The result is a real ``GemmaTokenizer`` (the same normaliser, byte fallback and decoder as Gemma's), carrying
-    Gemma's special tokens and its exact chat template, so any Persian or English text round-trips without
-    ``<unk>``. Training is deterministic and takes about a second.
-    """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GemmaTokenizer
-
-    reserved = len(GEMMA_SPECIAL_TOKENS) + len(_BYTE_TOKENS)
-    if vocab_size <= reserved:
-        raise ValueError(f"vocab_size must exceed {reserved}: the special and byte tokens take that many")
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    # Train on Gemma-style pieces (a word with its leading "▁", newline runs alone) so no merge crosses a word or
-    # line boundary; GemmaTokenizer then applies the merges to whole segments, as SentencePiece does for Gemma.
-    bpe.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n+|▁?[^▁\n]+|▁+"), behavior="isolated")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False, min_frequency=2)
-    bpe.train_from_iterator((text.replace(" ", "▁") for text in _training_texts()), trainer)
-    learned = json.loads(bpe.to_str())["model"]
-
-    vocab = {token: i for i, token in enumerate(GEMMA_SPECIAL_TOKENS + _BYTE_TOKENS)}
-    for token in sorted(learned["vocab"], key=learned["vocab"].__getitem__):
-        vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-
-    tokenizer = GemmaTokenizer(
-        vocab=vocab,
-        merges=merges,
-        extra_special_tokens=list(GEMMA_SPECIAL_TOKENS[5:]),
-        chat_template=gemma3_chat_template(),
-        model_max_length=8192,
-    )
-    if save_dir is not None:
-        tokenizer.save_pretrained(save_dir)
-    return tokenizer
-
-
-def _tiny_text_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dict) -> object:
-    from transformers import Gemma3nTextConfig, Gemma3TextConfig
-
-    ids = {
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
-    }
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=8192,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=64,
-        **ids,
-    )
-    if arch == "gemma3n":
-        layers = overrides.get("num_hidden_layers", common["num_hidden_layers"])
-        extra = dict(
-            vocab_size_per_layer_input=vocab_size,
-            hidden_size_per_layer_input=64,
-            altup_num_inputs=2,
-            laurel_rank=64,
-            num_kv_shared_layers=0,
-            activation_sparsity_pattern=[0.0] * layers,
-        )
-        return Gemma3nTextConfig(**{**common, **extra, **overrides})
-    return Gemma3TextConfig(**{**common, "query_pre_attn_scalar": 32, **overrides})
-
-
-def _tiny_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dict):
-    text_config = _tiny_text_config(arch, vocab_size, tokenizer, overrides)
-    if arch != "gemma3-vision":
-        return text_config
-    from transformers import Gemma3Config, SiglipVisionConfig
-
-    vision_config = SiglipVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    return Gemma3Config(
-        text_config=text_config,
-        vision_config=vision_config,
-        mm_tokens_per_image=4,
-        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
-        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=text_config.eos_token_id,
-    )
-
-
-def build_tiny_gemma(
-    save_dir: str | Path,
-    arch: TinyArch = "gemma3",
-    *,
-    seed: int = 0,
-    vocab_size: int = 2048,
-    dtype: torch.dtype = torch.float32,
-    **config_overrides: Any,
+def build_hub_checkpoint(
+    save_dir: str | Path, arch: Literal["gemma3-vision", "gemma3n-multimodal"], *, seed: int = 0
 ) -> Path:
-    """Write a tiny random Gemma (model, tokenizer, generation config) to ``save_dir`` and return the path.
+    """A tiny multimodal Gemma laid out exactly as its real checkpoints are served on the hub.
 
-    ``arch`` picks ``Gemma3ForCausalLM`` ("gemma3"), ``Gemma3nForCausalLM`` ("gemma3n") or the multimodal
-    ``Gemma3ForConditionalGeneration`` with a small SigLIP vision tower ("gemma3-vision"). Weights depend only on
-    ``seed``; the generation config stops on both ``<eos>`` and ``<end_of_turn>``, as Gemma's does.
-    ``config_overrides`` replace text-config fields (e.g. ``hidden_size=128, num_hidden_layers=4``); keep
-    dimensions multiples of 64 for 4-bit on CPU.
+    Sharded safetensors with ``model.safetensors.index.json``, the processor and preprocessor configs, and the
+    tensor names of the real files: ``google/gemma-3-4b-it`` names its language model ``language_model.model.*``
+    and its SigLIP tower ``vision_tower.vision_model.*``; ``google/gemma-3n-E4B-it`` uses ``model.language_model.*``,
+    ``model.vision_tower.*`` (timm), ``model.audio_tower.*``, ``model.embed_vision.*`` and ``model.embed_audio.*``.
+    ``"gemma3n-multimodal"`` needs timm to build.
     """
-    from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3ForConditionalGeneration,
-        Gemma3nForCausalLM,
-        GenerationConfig,
-    )
+    from safetensors.torch import load_file, save_file
 
-    model_class = {
-        "gemma3": Gemma3ForCausalLM,
-        "gemma3n": Gemma3nForCausalLM,
-        "gemma3-vision": Gemma3ForConditionalGeneration,
-    }.get(arch)
-    if model_class is None:
-        raise ValueError(f"unknown tiny Gemma arch {arch!r}; choose one of 'gemma3', 'gemma3n', 'gemma3-vision'")
-    save_dir = Path(save_dir)
-    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
-    config = _tiny_config(arch, len(tokenizer), tokenizer, config_overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config).to(dtype)
-    eos = config.get_text_config().eos_token_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
-    )
-    model.save_pretrained(save_dir)
-    tokenizer.save_pretrained(save_dir)
+    shard = "1MB" if arch == "gemma3-vision" else "10MB"  # a few shards each, as on the hub
+    save_dir = build_tiny_gemma(save_dir, arch, seed=seed, max_shard_size=shard)
+    index_path = save_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    if arch == "gemma3-vision":  # transformers writes this tower's names one level shorter than the hub file has
+        rename = {k: f"vision_tower.vision_model.{k.removeprefix('vision_tower.')}" for k in index["weight_map"]}
+        rename = {k: v for k, v in rename.items() if k.startswith("vision_tower.")}
+        for shard in sorted(set(index["weight_map"].values())):
+            tensors = load_file(save_dir / shard)
+            save_file({rename.get(k, k): v for k, v in tensors.items()}, save_dir / shard, metadata={"format": "pt"})
+        index["weight_map"] = {rename.get(k, k): v for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    _write_processor_configs(save_dir, arch)
     return save_dir
 
 
-# A size at which the demo's fine-tune visibly learns on 2 CPU cores in a few minutes.
-DEMO_DIMS: dict[str, Any] = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-}
+def _write_processor_configs(save_dir: Path, arch: str) -> None:
+    """``preprocessor_config.json`` and ``processor_config.json`` as the real checkpoints carry them, made by the
+    real processor classes (for Gemma 3n the image processor's and the audio feature extractor's settings share one
+    file). The tiny tokenizer has no audio tokens, so no processor object is built from it."""
+    from transformers import Gemma3ImageProcessor, Gemma3nAudioFeatureExtractor, SiglipImageProcessor
 
-
-def build_tiny_persian_lm(
-    save_dir: str | Path,
-    *,
-    epochs: int = 30,
-    seed: int = 0,
-    block_size: int = 128,
-    batch_size: int = 16,
-    learning_rate: float = 3e-3,
-    roles: tuple[str, ...] = ("system", "user"),
-) -> Path:
-    """A tiny Gemma 3 pretrained on plain Persian text from the bundled *train* split, for the offline demo.
-
-    LoRA cannot teach a random model anything useful: its frozen random embeddings cap how confident the output
-    can be, so greedy decoding repeats the most frequent token. Like a real base model, this one first learns the
-    language, from the plain text (no chat template) of the train split's ``roles`` turns (by default the user
-    and system turns), so that a QLoRA/LoRA fine-tune has something to adapt and something new to learn: the
-    turn format, when to stop, and the assistant replies. The test split is never seen. Deterministic for a
-    seed; about half a minute on 2 CPU cores.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from persian_qlora.dataset import bundled_corpus_path
-
-    path = build_tiny_gemma(save_dir, "gemma3", seed=seed, **DEMO_DIMS)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = [
-        m["content"]
-        for line in bundled_corpus_path("train").read_text(encoding="utf-8").splitlines()
-        for m in json.loads(line)["messages"]
-        if m["role"] in roles
-    ]
-    stream = [t for ids in tokenizer(texts)["input_ids"] for t in [*ids, tokenizer.eos_token_id]]
-    blocks = torch.tensor(stream[: len(stream) // block_size * block_size]).view(-1, block_size)
-
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    steps = epochs * -(-len(blocks) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(epochs):
-            for batch in blocks[torch.randperm(len(blocks), generator=generator)].split(batch_size):
-                model(input_ids=batch, labels=batch).loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
-    model.save_pretrained(path)
-    return path
+    if arch == "gemma3-vision":
+        preprocessor = Gemma3ImageProcessor(size={"height": 32, "width": 32}).to_dict()
+        processor = {"image_seq_length": 4, "processor_class": "Gemma3Processor"}
+    else:
+        preprocessor = {
+            **Gemma3nAudioFeatureExtractor(feature_size=32).to_dict(),
+            **SiglipImageProcessor(size={"height": 32, "width": 32}).to_dict(),
+        }
+        processor = {"audio_seq_length": 188, "image_seq_length": 256, "processor_class": "Gemma3nProcessor"}
+    preprocessor["processor_class"] = processor["processor_class"]
+    for name, content in (("preprocessor_config.json", preprocessor), ("processor_config.json", processor)):
+        (save_dir / name).write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def lognormal_lengths(count: int, mean: float = 310.0, sigma: float = 1.0, cap: int = 4000) -> list[int]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_callback import ExportableState
 
 from persian_qlora._files import atomic_write_text
@@ -174,8 +175,9 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
 
 
 class _Trainer(Trainer):
-    """``Trainer`` that computes the lean loss, counts trained tokens, stops on a non-finite loss or gradient norm
-    before the optimizer step, and resumes only from complete checkpoints."""
+    """``Trainer`` that computes the lean loss, weighs every trained token alike under gradient accumulation, counts
+    trained tokens, stops on a non-finite loss or gradient norm before the optimizer step, resumes only from complete
+    checkpoints, and saves how the base was loaded beside every adapter it saves."""
 
     def __init__(
         self, *args: Any, run_metrics: RunMetricsCallback, lean_loss: bool, loss_chunk_size: int, **kwargs: Any
@@ -190,6 +192,10 @@ class _Trainer(Trainer):
         if lean_loss and sharded:
             logger.warning("lean_loss is off under FSDP and DeepSpeed ZeRO-3: the plain loss is used")
         self.lean_loss = lean_loss and not sharded
+        # Our compute_loss divides by the trained tokens of the whole accumulated batch for every family. Trainer
+        # would otherwise pass no num_items_in_batch to the multimodal classes (accepts_loss_kwargs is False for
+        # Gemma3nForConditionalGeneration) and average micro-batch means instead.
+        self.model_accepts_loss_kwargs = True
         self._step_tokens: torch.Tensor | None = None
         self._step_loss: torch.Tensor | None = None
 
@@ -203,14 +209,27 @@ class _Trainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # No KV cache in training: with one, sdpa/eager attention would cross packed conversations' boundaries.
         inputs = {**inputs, "use_cache": False}
-        if not self.lean_loss or return_outputs or "labels" not in inputs:
+        if "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
-        chunk = self.loss_chunk_size
-        loss = lean_model_loss(model, labels, num_items_in_batch=num_items_in_batch, chunk_size=chunk, **inputs)
+        outputs = None
+        if self.lean_loss and not return_outputs:
+            chunk = self.loss_chunk_size
+            loss = lean_model_loss(model, labels, num_items_in_batch=num_items_in_batch, chunk_size=chunk, **inputs)
+        else:  # the plain loss over full logits, computed here so that every family is normalised alike
+            outputs = model(**inputs)
+            loss = ForCausalLMLoss(
+                outputs.logits, labels, vocab_size=outputs.logits.shape[-1], num_items_in_batch=num_items_in_batch
+            )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
-        return loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        loading = getattr(self.accelerator.unwrap_model(self.model), "base_loading", None)
+        if loading is not None:
+            loading.save(output_dir or self.args.output_dir)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -296,7 +315,7 @@ def write_training_charts(log_history: list[dict[str, Any]], output_dir: str | P
 class RunConfig:
     """One fine-tuning run: what to train, on what, and how. Read from YAML with :meth:`load`.
 
-    ``tiny=True`` is the offline preset: a tiny random Gemma 3 from :mod:`persian_qlora.testing` and the bundled
+    ``tiny=True`` is the offline preset: a tiny random Gemma 3 from :mod:`persian_qlora.tiny` and the bundled
     corpus, in place of ``model`` and ``data``. ``gguf_file`` names a GGUF checkpoint in (or instead of)
     ``model``, converted once into a cached ordinary checkpoint (:func:`~persian_qlora.bases.gguf_base`).
     """
@@ -390,7 +409,7 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
     if config.tiny:
         from accelerate import PartialState
 
-        from persian_qlora.testing import build_tiny_gemma
+        from persian_qlora.tiny import build_tiny_gemma
 
         model_path = str(output_dir / "tiny-base")
         with PartialState().main_process_first():  # under `accelerate launch`, rank 0 builds it, the others wait

@@ -1,0 +1,322 @@
+"""Loading a Gemma base the one way persian-qlora trains, generates and merges it, and recording how.
+
+- **Text-only by default.** A multimodal Gemma 3 or 3n checkpoint loads as its language model alone (the family's
+  text class, its weights renamed from the checkpoint's layout): no tower, projector or multimodal embedder is built
+  or read, and Gemma 3n needs no timm. ``text_only=False`` builds the whole model; the towers are then frozen like
+  every base weight, never quantised (the family's skip list) and never adapted (LoRA targets the language model).
+- **Devices and dtypes.** The model lands on the GPU when there is one (this process's device under ``accelerate
+  launch``), in the compute dtype of :func:`resolve_dtype`. On CUDA, Gemma 3n's per-layer embedding tables (2.35 B
+  parameters in E4B) move to the host and only the looked-up rows travel (:func:`offload_per_layer_embeddings`).
+- **Provenance.** :class:`BaseLoading` records how the base was loaded; the trainer saves it beside the adapter as
+  ``base_loading.json``, and the merge and ``load_for_inference`` read it back, so an NF4 merge re-quantises exactly
+  as training did and a mismatch is refused instead of merged silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from persian_qlora.errors import MissingExtraError, PersianQLoRAError
+from persian_qlora.families import FAMILIES, GemmaFamily, family_of, never_quantised
+
+__all__ = [
+    "PROVENANCE_FILE",
+    "BaseLoading",
+    "default_bnb_config",
+    "load_base",
+    "offload_per_layer_embeddings",
+    "read_provenance",
+    "resolve_dtype",
+]
+
+logger = logging.getLogger("persian_qlora")
+
+PROVENANCE_FILE = "base_loading.json"
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
+_VERSIONED = ("persian-qlora", "torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def resolve_dtype(requested: torch.dtype | str | None = None) -> torch.dtype:
+    """The compute dtype: bf16 on a GPU with native bf16 (compute capability 8.0+), else fp32. fp16 is refused.
+
+    Gemma was trained in bf16 and overflows in fp16 (inf/NaN activations on T4-class GPUs), so fp16 compute is
+    never a safe choice for it. Below compute capability 8 (T4, V100) there is no bf16 hardware: torch's
+    ``is_bf16_supported()`` still says yes, counting emulation, but emulated bf16 is slow, so those GPUs compute in
+    fp32 (the 4-bit weights stay 4-bit). See docs/training.md.
+    """
+    if isinstance(requested, str):
+        requested = getattr(torch, requested.removeprefix("torch."), None) if requested != "auto" else None
+        if requested is not None and not isinstance(requested, torch.dtype):
+            raise ValueError(f"unknown dtype {requested!r}")
+    if requested == torch.float16:
+        raise PersianQLoRAError(
+            "fp16 compute is refused for Gemma: its activations overflow fp16 (inf/NaN, as seen on T4 GPUs). "
+            "Use bf16 on a GPU that supports it, or fp32"
+        )
+    if requested is not None:
+        return requested
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_bnb_config(
+    compute_dtype: torch.dtype | None = None,
+    quant_storage: torch.dtype | str | None = None,
+    *,
+    family: GemmaFamily | None = None,
+):
+    """NF4 with double quantisation, as in the QLoRA paper; the family's towers, AltUp and LM head stay unquantised.
+
+    ``quant_storage`` is the dtype the packed 4-bit weights are stored in (default uint8). FSDP-QLoRA needs it
+    equal to the dtype of the other weights (bf16), so that FSDP can flatten all parameters together. Without a
+    ``family``, every family's unquantised modules are skipped.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(quant_storage, str):
+        quant_storage = getattr(torch, quant_storage.removeprefix("torch."))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(compute_dtype),
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
+        llm_int8_skip_modules=list(family.never_quantised) if family else never_quantised(),
+    )
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+@dataclass(frozen=True)
+class BaseLoading:
+    """How a base model was loaded for training: enough to load it the same way again, or to re-make its NF4.
+
+    ``quantization`` is None for a 16-bit (LoRA) base; for a 4-bit one it holds what bitsandbytes did, read off a
+    quantised layer: quant type, block size, double quantisation and its block size, storage dtype, the device the
+    weights were quantised on, and the skipped modules. ``load_dtype`` is the dtype the weights had when they were
+    quantised (NF4 of a bf16 tensor and of its fp32 copy differ) and that unquantised weights are kept in.
+    """
+
+    base: str
+    model_type: str  # of the checkpoint: "gemma3n" for E4B, even when its language model was loaded alone
+    architecture: str  # the class that was built
+    text_only: bool
+    load_dtype: str
+    compute_dtype: str
+    quantization: dict[str, Any] | None = None
+    per_layer_embeddings_on_host: bool = False
+    versions: dict[str, str | None] = field(default_factory=_versions)
+
+    @property
+    def family(self) -> GemmaFamily:
+        return FAMILIES[self.model_type]
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / PROVENANCE_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def torch_dtype(self, which: str = "load_dtype") -> torch.dtype:
+        return getattr(torch, getattr(self, which))
+
+
+def read_provenance(adapter_dir: str | Path) -> BaseLoading | None:
+    """The :class:`BaseLoading` saved beside an adapter, or None for an adapter saved without one (older versions,
+    or ``PeftModel.save_pretrained`` called directly)."""
+    path = Path(adapter_dir) / PROVENANCE_FILE
+    if not path.exists():
+        return None
+    try:
+        return BaseLoading(**json.loads(path.read_text(encoding="utf-8")))
+    except (TypeError, ValueError) as err:
+        raise PersianQLoRAError(f"{path} is not a base-loading record persian-qlora can read ({err})") from None
+
+
+def _quantization_record(model: nn.Module, bnb_config) -> dict[str, Any] | None:
+    """What bitsandbytes actually did, read off the first 4-bit layer (not what we asked for)."""
+    import bitsandbytes as bnb
+
+    layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    if layer is None:
+        return None
+    state = layer.weight.quant_state
+    return {
+        "method": "bitsandbytes",
+        "quant_type": state.quant_type,
+        "blocksize": state.blocksize,
+        "double_quant": state.nested,
+        "double_quant_blocksize": state.state2.blocksize if state.nested else None,
+        "quant_storage": _dtype_name(layer.weight.quant_storage),
+        "quantized_on": layer.weight.device.type,
+        "skip_modules": list(bnb_config.llm_int8_skip_modules or []),
+    }
+
+
+def _default_device_map() -> dict[str, Any] | None:
+    """This process's GPU when there is one (its local rank's under ``accelerate launch``), else none (the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+class _DropTowerReport(logging.Filter):
+    """Hide transformers' load report of a text-only load: it lists every tower tensor as unexpected. We check the
+    report ourselves (:func:`_check_text_only_load`) and log one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _check_text_only_load(family: GemmaFamily, path: str, info: dict[str, Any]) -> None:
+    strays = [k for k in info.get("unexpected_keys", []) if not family.is_tower_weight(k)]
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("lm_head.")]  # the head is tied
+    if strays or missing or info.get("mismatched_keys"):
+        raise PersianQLoRAError(
+            f"{path}: its language model's weights are not where a {family.model_type} checkpoint keeps them "
+            f"(not found: {missing[:3]}; not understood: {strays[:3]}; size mismatches: "
+            f"{list(info.get('mismatched_keys', []))[:3]}); load it whole with text_only=False, or re-save it with "
+            "transformers"
+        )
+    logger.info("%s: language model loaded alone; %d tower tensors left unread", path, len(info["unexpected_keys"]))
+
+
+def load_base(
+    model_id_or_path: str | Path,
+    *,
+    text_only: bool = True,
+    dtype: torch.dtype | str | None = None,
+    quantization_config: Any | None = None,
+    gguf_file: str | Path | None = None,
+    per_layer_embeddings_on_host: bool | None = None,
+    device_map: Any | None = None,
+    **load_kwargs: Any,
+) -> tuple[nn.Module, BaseLoading]:
+    """Load a Gemma checkpoint (text-only by default) and return it with the record of how it was loaded.
+
+    ``dtype`` is the compute dtype (:func:`resolve_dtype`), which unquantised weights are kept in and 4-bit
+    weights are quantised from. ``per_layer_embeddings_on_host`` (default: on CUDA, outside distributed runs) keeps
+    Gemma 3n's per-layer embedding tables in host memory. ``device_map`` defaults to this process's GPU, or the CPU.
+    Other keyword arguments go to ``from_pretrained``; weights load from safetensors only unless
+    ``use_safetensors=None`` is passed. ``gguf_file`` is converted once into a cached checkpoint
+    (:func:`~persian_qlora.bases.gguf_base`).
+    """
+    from transformers import AutoConfig
+
+    if gguf_file is not None:
+        from persian_qlora.bases import gguf_base
+
+        model_id_or_path = gguf_base(model_id_or_path, gguf_file)
+    path = str(model_id_or_path)
+    dtype = resolve_dtype(dtype)
+    config = AutoConfig.from_pretrained(path, **{k: load_kwargs[k] for k in _HUB_KWARGS if k in load_kwargs})
+    family = family_of(config)
+    load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
+    load_kwargs["device_map"] = device_map if device_map is not None else _default_device_map()
+    if quantization_config is not None:
+        load_kwargs["quantization_config"] = quantization_config
+
+    text_only = text_only and family.multimodal
+    if text_only:
+        built = family.text()
+        load_kwargs.update(config=config.get_text_config(), key_mapping=dict(family.text_weight_names))
+    else:
+        built = family
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    drop_report = _DropTowerReport()
+    if text_only:
+        transformers_logger.addFilter(drop_report)
+    try:
+        model, info = built.model_class().from_pretrained(path, dtype=dtype, output_loading_info=True, **load_kwargs)
+    except ImportError as err:
+        if "timm" in str(err).lower():
+            raise MissingExtraError(
+                f"loading the whole {family.model_type} model (its vision tower; text_only=True needs none)",
+                "multimodal",
+                "timm",
+            ) from err
+        raise
+    finally:
+        transformers_logger.removeFilter(drop_report)
+    if text_only:
+        _check_text_only_load(family, path, info)
+
+    on_host = per_layer_embeddings_on_host
+    if on_host is None:
+        on_host = torch.cuda.is_available() and _single_process()
+    on_host = on_host and bool(built.text().per_layer_embeddings)
+    if on_host:
+        stored = getattr(config.get_text_config(), "dtype", None)  # the checkpoint's: bf16 for Gemma
+        narrower = isinstance(stored, torch.dtype) and stored.itemsize < dtype.itemsize
+        offload_per_layer_embeddings(model, storage_dtype=stored if narrower else None)
+    record = BaseLoading(
+        base=path,
+        model_type=family.model_type,
+        architecture=type(model).__name__,
+        text_only=text_only,
+        load_dtype=_dtype_name(dtype),
+        compute_dtype=_dtype_name(
+            quantization_config.bnb_4bit_compute_dtype if quantization_config is not None else dtype
+        ),
+        quantization=_quantization_record(model, quantization_config) if quantization_config is not None else None,
+        per_layer_embeddings_on_host=on_host,
+    )
+    return model, record
+
+
+def _single_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().num_processes == 1
+
+
+def offload_per_layer_embeddings(
+    model: nn.Module, host: str | torch.device = "cpu", *, storage_dtype: torch.dtype | None = None
+) -> list[str]:
+    """Keep Gemma 3n's per-layer embedding tables in ``host`` memory; move only the rows a batch looks up.
+
+    In E4B the tables hold 2.35 B parameters (4.7 GB in bf16) and are read by lookup alone, a few rows per token:
+    on the accelerator they would take a third of a T4. Each table moves to ``host`` once; a hook sends the token
+    ids there and brings the looked-up rows back to the device and dtype the rest of the model runs in. The model's
+    ``hf_device_map`` records the placement, so Trainer and accelerate leave it where it is. ``storage_dtype``
+    stores the tables narrower on the host: exact when it is the checkpoint's own dtype (bf16 for Gemma) and the
+    model was loaded wider (fp32 on a T4). Returns the names of the moved modules.
+    """
+    names = family_of(model).text().per_layer_embeddings
+    main_device = next(model.parameters()).device
+    moved = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in names:
+            continue
+        device, dtype = module.weight.device, module.weight.dtype
+        module.to(host, dtype=storage_dtype or dtype)
+        module.register_forward_pre_hook(lambda _m, args: tuple(a.to(host) for a in args))
+        module.register_forward_hook(lambda _m, _args, out, d=device, t=dtype: out.to(device=d, dtype=t))
+        moved.append(name)
+    if moved:
+        device_map = dict(getattr(model, "hf_device_map", None) or {"": str(main_device)})
+        device_map.update(dict.fromkeys(moved, str(torch.device(host))))
+        model.hf_device_map = device_map
+    return moved

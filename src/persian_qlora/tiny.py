@@ -1,0 +1,297 @@
+"""Tiny Gemma models and a Gemma-style tokenizer, built offline in seconds from the bundled corpus.
+
+They serve the offline demo (:func:`build_tiny_persian_lm`), the ``tiny=True`` training preset and ``persian-qlora
+prepare`` without a tokenizer, and tests: ``build_tiny_gemma(path)`` writes a directory that
+``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load with no hub.
+
+Dimensions are multiples of 64 because bitsandbytes' CPU 4-bit kernel asserts on smaller inner dimensions in
+no-grad mode, so the same tiny models serve QLoRA too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from persian_qlora.chat_template import gemma3_chat_template
+
+__all__ = [
+    "DEMO_DIMS",
+    "GEMMA_SPECIAL_TOKENS",
+    "TinyArch",
+    "build_tiny_gemma",
+    "build_tiny_persian_lm",
+    "build_tiny_tokenizer",
+]
+
+TinyArch = Literal["gemma3", "gemma3n", "gemma3-vision", "gemma3n-multimodal"]
+
+# Gemma's control tokens, in the order of their ids in our tiny vocabulary (ids differ from the real one's,
+# which is why nothing in the library hard-codes ids: it looks them up by name).
+GEMMA_SPECIAL_TOKENS = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+_BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+
+
+def _training_texts() -> Iterable[str]:
+    from persian_qlora.dataset import bundled_corpus_path
+
+    for split in ("train", "test"):
+        for line in bundled_corpus_path(split).read_text(encoding="utf-8").splitlines():
+            for message in json.loads(line)["messages"]:
+                yield message["content"]
+    # A little English and code so that English text does not fall back to bytes at every letter.
+    yield "The quick brown fox jumps over the lazy dog. Python, Git, SQL, HTTP and JSON are everyday tools."
+    yield "def main():\n    print('hello world')\n    return 0\n"
+
+
+def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = None):
+    """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus.
+
+    The result is a real ``GemmaTokenizer`` (the same normaliser, byte fallback and decoder as Gemma's), carrying
+    Gemma's special tokens and its exact chat template, so any Persian or English text round-trips without
+    ``<unk>``. Training is deterministic and takes about a second.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    reserved = len(GEMMA_SPECIAL_TOKENS) + len(_BYTE_TOKENS)
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size must exceed {reserved}: the special and byte tokens take that many")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # Train on Gemma-style pieces (a word with its leading "▁", newline runs alone) so no merge crosses a word or
+    # line boundary; GemmaTokenizer then applies the merges to whole segments, as SentencePiece does for Gemma.
+    bpe.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n+|▁?[^▁\n]+|▁+"), behavior="isolated")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False, min_frequency=2)
+    bpe.train_from_iterator((text.replace(" ", "▁") for text in _training_texts()), trainer)
+    learned = json.loads(bpe.to_str())["model"]
+
+    vocab = {token: i for i, token in enumerate(GEMMA_SPECIAL_TOKENS + _BYTE_TOKENS)}
+    for token in sorted(learned["vocab"], key=learned["vocab"].__getitem__):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+
+    tokenizer = GemmaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        extra_special_tokens=list(GEMMA_SPECIAL_TOKENS[5:]),
+        chat_template=gemma3_chat_template(),
+        model_max_length=8192,
+    )
+    if save_dir is not None:
+        tokenizer.save_pretrained(save_dir)
+    return tokenizer
+
+
+def _tiny_text_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dict) -> object:
+    from transformers import Gemma3nTextConfig, Gemma3TextConfig
+
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
+    }
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=8192,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=64,
+        **ids,
+    )
+    if arch.startswith("gemma3n"):
+        layers = overrides.get("num_hidden_layers", common["num_hidden_layers"])
+        extra = dict(
+            vocab_size_per_layer_input=vocab_size,
+            hidden_size_per_layer_input=64,
+            altup_num_inputs=2,
+            laurel_rank=64,
+            num_kv_shared_layers=0,
+            activation_sparsity_pattern=[0.0] * layers,
+        )
+        return Gemma3nTextConfig(**{**common, **extra, **overrides})
+    return Gemma3TextConfig(**{**common, "query_pre_attn_scalar": 32, **overrides})
+
+
+def _tiny_gemma3n_multimodal_config(text_config, tokenizer):
+    """Gemma 3n's whole layout at toy size: the MobileNetV5 vision tower (timm) at 1/16 of its channels, a one-layer
+    Conformer audio tower, and both multimodal embedders. As in the real model, media token ids follow the text
+    vocabulary (the tiny tokenizer has no audio tokens; text never contains them)."""
+    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nVisionConfig
+
+    vocab = text_config.vocab_size
+    vision = Gemma3nVisionConfig(model_args={"channel_multiplier": 0.0625}, vocab_offset=vocab)
+    audio = Gemma3nAudioConfig(
+        hidden_size=64,
+        conf_num_attention_heads=2,
+        conf_num_hidden_layers=1,
+        sscp_conv_channel_size=(16, 8),
+        input_feat_size=32,
+        vocab_offset=vocab + vision.vocab_size,
+    )
+    return Gemma3nConfig(
+        text_config=text_config,
+        vision_config=vision,
+        audio_config=audio,
+        boi_token_id=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_id=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        boa_token_id=vocab + vision.vocab_size,
+        eoa_token_id=vocab + vision.vocab_size + audio.vocab_size,
+        audio_token_id=vocab + vision.vocab_size + audio.vocab_size + 1,
+    )
+
+
+def _tiny_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dict):
+    text_config = _tiny_text_config(arch, vocab_size, tokenizer, overrides)
+    if arch == "gemma3n-multimodal":
+        return _tiny_gemma3n_multimodal_config(text_config, tokenizer)
+    if arch != "gemma3-vision":
+        return text_config
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision_config = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    return Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+    )
+
+
+_TINY_CLASSES = {
+    "gemma3": "Gemma3ForCausalLM",
+    "gemma3n": "Gemma3nForCausalLM",
+    "gemma3-vision": "Gemma3ForConditionalGeneration",
+    "gemma3n-multimodal": "Gemma3nForConditionalGeneration",
+}
+
+
+def build_tiny_gemma(
+    save_dir: str | Path,
+    arch: TinyArch = "gemma3",
+    *,
+    seed: int = 0,
+    vocab_size: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = "2GB",
+    **config_overrides: Any,
+) -> Path:
+    """Write a tiny random Gemma (model, tokenizer, generation config) to ``save_dir`` and return the path.
+
+    ``arch`` picks ``Gemma3ForCausalLM`` ("gemma3"), ``Gemma3nForCausalLM`` ("gemma3n"), the multimodal
+    ``Gemma3ForConditionalGeneration`` with a small SigLIP vision tower ("gemma3-vision"), or the whole
+    ``Gemma3nForConditionalGeneration`` with vision (timm) and audio towers ("gemma3n-multimodal": building it
+    needs timm, ``pip install 'persian-qlora[multimodal]'``). Weights depend only on
+    ``seed``; the generation config stops on both ``<eos>`` and ``<end_of_turn>``, as Gemma's does.
+    ``config_overrides`` replace text-config fields (e.g. ``hidden_size=128, num_hidden_layers=4``); keep
+    dimensions multiples of 64 for 4-bit on CPU.
+    """
+    import transformers
+
+    class_name = _TINY_CLASSES.get(arch)
+    if class_name is None:
+        raise ValueError(f"unknown tiny Gemma arch {arch!r}; choose one of {', '.join(map(repr, _TINY_CLASSES))}")
+    model_class = getattr(transformers, class_name)
+    save_dir = Path(save_dir)
+    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
+    config = _tiny_config(arch, len(tokenizer), tokenizer, config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config).to(dtype)
+    eos = config.get_text_config().eos_token_id
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(save_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(save_dir)
+    return save_dir
+
+
+# A size at which the demo's fine-tune visibly learns on 2 CPU cores in a few minutes.
+DEMO_DIMS: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+}
+
+
+def build_tiny_persian_lm(
+    save_dir: str | Path,
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    block_size: int = 128,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    roles: tuple[str, ...] = ("system", "user"),
+) -> Path:
+    """A tiny Gemma 3 pretrained on plain Persian text from the bundled *train* split, for the offline demo.
+
+    LoRA cannot teach a random model anything useful: its frozen random embeddings cap how confident the output
+    can be, so greedy decoding repeats the most frequent token. Like a real base model, this one first learns the
+    language, from the plain text (no chat template) of the train split's ``roles`` turns (by default the user
+    and system turns), so that a QLoRA/LoRA fine-tune has something to adapt and something new to learn: the
+    turn format, when to stop, and the assistant replies. The test split is never seen. Deterministic for a
+    seed; about half a minute on 2 CPU cores.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from persian_qlora.dataset import bundled_corpus_path
+
+    path = build_tiny_gemma(save_dir, "gemma3", seed=seed, **DEMO_DIMS)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = [
+        m["content"]
+        for line in bundled_corpus_path("train").read_text(encoding="utf-8").splitlines()
+        for m in json.loads(line)["messages"]
+        if m["role"] in roles
+    ]
+    stream = [t for ids in tokenizer(texts)["input_ids"] for t in [*ids, tokenizer.eos_token_id]]
+    blocks = torch.tensor(stream[: len(stream) // block_size * block_size]).view(-1, block_size)
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    steps = epochs * -(-len(blocks) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            for batch in blocks[torch.randperm(len(blocks), generator=generator)].split(batch_size):
+                model(input_ids=batch, labels=batch).loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+    model.save_pretrained(path)
+    return path
