@@ -52,6 +52,16 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
 
 
+def _with_suppression(tokenizer, generate_kwargs: dict[str, Any], suppress_untrained: bool) -> dict[str, Any]:
+    """``generate_kwargs`` with the untrained tokens added to any ``suppress_tokens`` already there."""
+    if not suppress_untrained:
+        return generate_kwargs
+    from persian_qlora.tokens import untrained_token_ids
+
+    given = list(generate_kwargs.get("suppress_tokens") or [])
+    return {**generate_kwargs, "suppress_tokens": sorted({*given, *untrained_token_ids(tokenizer)})}
+
+
 def generate(
     model,
     tokenizer,
@@ -64,12 +74,16 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     progress: bool = False,
+    suppress_untrained: bool = True,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """Generate the next model turn of each conversation; return the texts in input order, with timing and memory.
 
     Greedy by default. Each prompt is rendered with the tokenizer's chat template and ``add_generation_prompt``;
-    the reply is decoded without special tokens and stripped. Extra keyword arguments go to ``model.generate``.
+    the reply is decoded without special tokens and stripped. ``suppress_untrained`` never lets the model emit a
+    token no fine-tune trains (``<unused*>``, media placeholders, padding; see :mod:`persian_qlora.tokens`): a
+    fine-tuned base model otherwise emits them where its turn should end. Extra keyword arguments go to
+    ``model.generate``.
     """
     from tqdm.auto import tqdm
 
@@ -77,6 +91,7 @@ def generate(
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    generate_kwargs = _with_suppression(tokenizer, generate_kwargs, suppress_untrained)
     texts: list[str] = [""] * len(encoded)
     counts: list[int] = [0] * len(encoded)
     stops = stop_token_ids(tokenizer)
@@ -191,18 +206,21 @@ def stream_reply(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    suppress_untrained: bool = True,
     **generate_kwargs: Any,
 ) -> Iterator[str]:
     """Yield the next model turn of one conversation piece by piece, as it is generated.
 
     Uses transformers' ``TextIteratorStreamer``: generation runs in a background thread and the decoded text
-    arrives here. Joined, the pieces equal the text :func:`generate` returns for the same settings.
+    arrives here. Joined, the pieces equal the text :func:`generate` returns for the same settings
+    (``suppress_untrained`` included).
     """
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    generate_kwargs = _with_suppression(tokenizer, generate_kwargs, suppress_untrained)
     device = next(model.parameters()).device
     errors: list[BaseException] = []
 

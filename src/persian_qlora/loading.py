@@ -268,7 +268,7 @@ def load_base(
         on_host = torch.cuda.is_available() and _single_process()
     on_host = on_host and bool(built.text().per_layer_embeddings)
     if on_host:
-        stored = getattr(config.get_text_config(), "dtype", None)  # the checkpoint's: bf16 for Gemma
+        stored = getattr(config, "dtype", None)  # the checkpoint's: bf16 for Gemma
         narrower = isinstance(stored, torch.dtype) and stored.itemsize < dtype.itemsize
         offload_per_layer_embeddings(model, storage_dtype=stored if narrower else None)
     record = BaseLoading(

@@ -45,8 +45,25 @@ def final_hidden_states(model: torch.nn.Module, causal_lm, **inputs) -> torch.Te
     return captured[-1]
 
 
+def _head_logits(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_head(hidden)``; for a head with peft's trainable token rows, the frozen head's logits with those few
+    columns computed from the trained rows. peft's own forward copies the whole 262k-row matrix on every call to
+    write the rows into it, and this loss calls the head once per chunk."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    layer = getattr(lm_head, "token_adapter", None)
+    if not isinstance(lm_head, TrainableTokensWrapper) or layer.merged or layer.disable_adapters:
+        return lm_head(hidden)
+    logits = layer.base_layer(hidden)
+    for name in layer.active_adapters:
+        index = torch.tensor(layer.token_indices[name], device=logits.device)
+        rows = layer.trainable_tokens_delta[name].to(hidden.dtype)
+        logits = logits.index_copy(-1, index, (hidden @ rows.T).to(logits.dtype))
+    return logits
+
+
 def _chunk_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None):
-    logits = lm_head(hidden).float()  # the loss in fp32, as transformers' ForCausalLMLoss
+    logits = _head_logits(lm_head, hidden).float()  # the loss in fp32, as transformers' ForCausalLMLoss
     if softcap is not None:  # Gemma 3n caps its final logits (Gemma 3 does not)
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, targets, reduction="sum")

@@ -17,6 +17,7 @@ from torch import nn
 
 from persian_qlora.errors import PersianQLoRAError
 from persian_qlora.loading import BaseLoading, default_bnb_config, load_base, resolve_dtype
+from persian_qlora.tokens import TURN_END, indistinct_tokens
 
 __all__ = [
     "BaseLoading",
@@ -34,19 +35,31 @@ logger = logging.getLogger("persian_qlora")
 
 @dataclass
 class LoraSettings:
-    """LoRA hyperparameters; the defaults are the reference recipe."""
+    """LoRA hyperparameters; the defaults are the reference recipe.
+
+    ``train_turn_end`` (beyond the recipe) also trains the ``<end_of_turn>`` embedding row, tied to the LM head,
+    when the base's row is not distinct from others (a pretrained, not instruction-tuned, Gemma): otherwise the
+    frozen head cannot prefer it over its near-copies and the model never ends its turn (see
+    :mod:`persian_qlora.tokens`). It adds peft's ``trainable_token_indices`` for that one row, saved with the
+    adapter and merged with it; an instruction-tuned base's row is distinct and nothing is added.
+    """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     bias: str = "none"
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    train_turn_end: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # any other peft.LoraConfig field
 
-    def to_peft(self, model: nn.Module):
-        """A ``peft.LoraConfig`` targeting these module names inside the language model only."""
+    def to_peft(self, model: nn.Module, trainable_tokens: list[int] | None = None):
+        """A ``peft.LoraConfig`` targeting these module names inside the language model only, and training the
+        embedding rows of ``trainable_tokens`` (unless ``extra`` sets ``trainable_token_indices`` itself)."""
         from peft import LoraConfig
 
+        extra = dict(self.extra)
+        if trainable_tokens and "trainable_token_indices" not in extra:
+            extra["trainable_token_indices"] = {"embed_tokens": list(trainable_tokens)}
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -54,8 +67,23 @@ class LoraSettings:
             bias=self.bias,
             target_modules=language_model_targets(model, self.target_modules),
             task_type="CAUSAL_LM",
-            **self.extra,
+            **extra,
         )
+
+    def turn_end_rows_to_train(self, model: nn.Module, base: str) -> list[int]:
+        """``[id of <end_of_turn>]`` when ``train_turn_end`` is on and the base's row is not distinct, else ``[]``."""
+        if not self.train_turn_end:
+            return []
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        turn_end = tokenizer.convert_tokens_to_ids(TURN_END)
+        if turn_end is None or turn_end == tokenizer.unk_token_id:
+            return []
+        found = indistinct_tokens(model.get_input_embeddings().weight, [turn_end])
+        if found:
+            logger.info("%s: the %s row is not distinct from other rows; training it with the adapter", base, TURN_END)
+        return found
 
 
 def language_model_targets(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[str]:
@@ -142,7 +170,7 @@ def _build(
         if isinstance(peft_config.target_modules, (list, set, tuple)):  # short names: keep them off the towers
             peft_config.target_modules = language_model_targets(model, sorted(peft_config.target_modules))
     else:
-        peft_config = lora.to_peft(model)
+        peft_config = lora.to_peft(model, lora.turn_end_rows_to_train(model, loading.base))
     model = get_peft_model(model, peft_config)
     model.base_loading = loading  # saved beside the adapter by the trainer (base_loading.json)
     trainable, total = model.get_nb_trainable_parameters()

@@ -1,0 +1,237 @@
+"""What Gemma 3n E4B and Gemma 3 4B hold on the accelerator under QLoRA, counted from their published configs.
+
+Part 1 builds each whole multimodal model on the meta device (no weights, no GPU) and counts the bytes each
+parameter would hold on the accelerator, for:
+
+- QLoRA text-only (persian-qlora's default): the language model alone, linears in NF4 with double quantisation,
+  everything else in bf16, LoRA r=8 on the 7 projections in fp32;
+- QLoRA whole-model (``text_only=False``): the same plus the towers in bf16 (never quantised);
+- peft's default preparation: the whole model as ``AutoModelForCausalLM`` loads it, with only the LM head, AltUp and
+  nothing else skipped by bitsandbytes (so the towers' linears are 4-bit too), then
+  ``prepare_model_for_kbit_training``, which casts every parameter that is not 4-bit to fp32;
+
+each with Gemma 3n's per-layer embeddings on the accelerator and on the host. The NF4 byte count is checked against
+a real 4-bit load of a tiny model on the CPU. Activations, optimizer state and the CUDA context are not counted:
+these are the weights alone.
+
+Part 2 (``--rss``) measures the CPU resident memory of loading a real-width Gemma 3n E4B cut to a few language
+layers (random bf16 weights, the hub's layout, with the real-size vision and audio towers), text-only against
+whole-model, each in a fresh process. Whole-model needs timm.
+
+    python benchmarks/realsize_memory.py
+    python benchmarks/realsize_memory.py --rss --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GB = 1e9
+
+# google/gemma-3-4b-it's published config.json (text and SigLIP vision).
+GEMMA3_4B_TEXT = dict(
+    hidden_size=2560,
+    intermediate_size=10240,
+    num_hidden_layers=34,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    vocab_size=262_208,
+    query_pre_attn_scalar=256,
+    sliding_window=1024,
+)
+GEMMA3_4B_VISION = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+    vision_use_head=False,
+)
+
+
+def e4b_config(text_layers: int | None = None):
+    """Gemma 3n E4B: transformers' ``Gemma3nConfig`` defaults are google/gemma-3n-E4B-it's."""
+    from transformers import Gemma3nConfig, Gemma3nTextConfig
+
+    if text_layers is None:
+        return Gemma3nConfig()
+    default = Gemma3nTextConfig()
+    text = Gemma3nTextConfig(
+        num_hidden_layers=text_layers,
+        layer_types=default.layer_types[:text_layers],
+        activation_sparsity_pattern=list(default.activation_sparsity_pattern)[:text_layers],
+        num_kv_shared_layers=0,
+    )
+    return Gemma3nConfig(text_config=text)
+
+
+def gemma3_4b_config():
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    return Gemma3Config(
+        text_config=Gemma3TextConfig(**GEMMA3_4B_TEXT), vision_config=SiglipVisionConfig(**GEMMA3_4B_VISION)
+    )
+
+
+def nf4_bytes(numel: int) -> float:
+    """bitsandbytes NF4 with double quantisation, blocks of 64: 4 bits a weight, an 8-bit absmax a block, and an
+    fp32 absmax (plus offset) for every 256 of those."""
+    blocks = -(-numel // 64)
+    return numel / 2 + blocks + 4 * -(-blocks // 256) + 4
+
+
+def count(model, *, skip: list[str], language_only: bool, peft_default: bool, ple_on_host: bool) -> dict:
+    """Bytes each parameter would hold, by part. ``language_only``: the text-only load (towers not built) and LoRA
+    confined to the language model; ``peft_default``: every parameter that is not 4-bit in fp32, LoRA wherever a
+    linear's name ends with a target (peft's suffix matching, towers included)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    parts = dict.fromkeys(("nf4", "weights", "per-layer embeddings", "lora", "host"), 0.0)
+    seen = set()
+    for module_name, module in model.named_modules():
+        in_language_model = ".language_model." in f".{module_name}." or module_name == "lm_head"
+        if language_only and not in_language_model:
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied: the LM head is the embedding
+                continue
+            seen.add(id(param))
+            if isinstance(module, torch.nn.Linear) and should_convert_module(module_name, skip):
+                parts["nf4"] += nf4_bytes(param.numel())
+                if module_name.rsplit(".", 1)[-1] in LORA_TARGETS and (in_language_model or peft_default):
+                    parts["lora"] += 4 * 8 * (module.in_features + module.out_features)
+                continue
+            size = param.numel() * (4 if peft_default else 2)
+            if "embed_tokens_per_layer" in f"{module_name}.{param_name}":
+                parts["host" if ple_on_host else "per-layer embeddings"] += size
+            else:
+                parts["weights"] += size
+    parts["accelerator"] = sum(v for k, v in parts.items() if k != "host")
+    return parts
+
+
+def check_nf4_formula() -> str:
+    """A real 4-bit load of a tiny Gemma on the CPU holds exactly what :func:`nf4_bytes` counts."""
+    import bitsandbytes as bnb
+
+    from persian_qlora.modeling import build_qlora_model
+    from persian_qlora.testing import build_tiny_gemma
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_qlora_model(build_tiny_gemma(tmp, "gemma3"))
+        real = predicted = 0.0
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                state = module.weight.quant_state
+                tensors = [module.weight.data, state.absmax, state.state2.absmax, state.offset]
+                real += sum(t.numel() * t.element_size() for t in tensors)
+                predicted += nf4_bytes(int(state.shape.numel()))
+    assert abs(real - predicted) < 1, (real, predicted)
+    return f"NF4 byte count checked against a real 4-bit load: {real:.0f} bytes, predicted {predicted:.0f}"
+
+
+def accelerator_table() -> None:
+    from transformers import Gemma3ForConditionalGeneration, Gemma3nForConditionalGeneration
+
+    from persian_qlora.families import FAMILIES
+
+    print(check_nf4_formula())
+    for name, family, make in (
+        ("Gemma 3n E4B", FAMILIES["gemma3n"], lambda: Gemma3nForConditionalGeneration(e4b_config())),
+        ("Gemma 3 4B", FAMILIES["gemma3"], lambda: Gemma3ForConditionalGeneration(gemma3_4b_config())),
+    ):
+        with torch.device("meta"):
+            model = make()
+        total = sum(p.numel() for p in model.parameters())
+        print(f"\n{name}: {total / 1e9:.2f} B parameters (tied head counted once)")
+        print(
+            "| setting | per-layer embeddings | NF4 linears (GB) | other weights, bf16 or peft's fp32 (GB) "
+            "| per-layer embeddings on the accelerator (GB) | LoRA (GB) | on the accelerator (GB) | on the host (GB) |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        ours = list(family.never_quantised)
+        settings = {
+            "QLoRA text-only (default)": dict(skip=ours, language_only=True, peft_default=False),
+            "QLoRA whole-model": dict(skip=ours, language_only=False, peft_default=False),
+            "peft default preparation": dict(skip=["lm_head"], language_only=False, peft_default=True),
+        }
+        for label, kwargs in settings.items():
+            for ple_on_host in (False, True) if family.per_layer_embeddings else (False,):
+                parts = count(model, ple_on_host=ple_on_host, **kwargs)
+                where = "host" if ple_on_host else ("accelerator" if family.per_layer_embeddings else "-")
+                print(
+                    f"| {label} | {where} | {parts['nf4'] / GB:.2f} | {parts['weights'] / GB:.2f} "
+                    f"| {parts['per-layer embeddings'] / GB:.2f} | {parts['lora'] / GB:.3f} "
+                    f"| **{parts['accelerator'] / GB:.2f}** | {parts['host'] / GB:.2f} |"
+                )
+
+
+_LOAD = """
+import json, resource, sys, psutil, torch
+from persian_qlora.loading import load_base
+path, text_only = sys.argv[1], sys.argv[2] == "text"
+before = psutil.Process().memory_info().rss
+model, record = load_base(path, text_only=text_only, dtype=torch.float32, per_layer_embeddings_on_host=False)
+params = sum(p.numel() for p in model.parameters())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"class": record.architecture, "parameters": params, "rss_before": before, "peak": peak}))
+"""
+
+
+def build_cut_e4b(path: Path, layers: int) -> Path:
+    """Real-width Gemma 3n E4B (vision and audio towers whole) with ``layers`` language layers, bf16, hub layout."""
+    from transformers import Gemma3nForConditionalGeneration
+
+    from persian_qlora.testing import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # initialised in bf16 directly: half the memory of building in fp32
+    try:
+        model = Gemma3nForConditionalGeneration(e4b_config(layers))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(path, max_shard_size="2GB")
+    build_tiny_tokenizer(save_dir=path)
+    return path
+
+
+def rss_table(layers: int) -> None:
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        path = build_cut_e4b(Path(tmp) / "e4b", layers)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        print(f"\nGemma 3n E4B at real widths, {layers} language layers, bf16 on disk: {size / GB:.2f} GB")
+        print("| load | class | parameters (B) | RSS before (GB) | peak RSS (GB) | peak above before (GB) |")
+        print("|---|---|---|---|---|---|")
+        for mode in ("text", "whole"):
+            done = subprocess.run(
+                [sys.executable, "-c", _LOAD, str(path), mode], capture_output=True, text=True, check=True
+            )
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(
+                f"| {mode} | {row['class']} | {row['parameters'] / 1e9:.3f} | {row['rss_before'] / GB:.2f} "
+                f"| {row['peak'] / GB:.2f} | {(row['peak'] - row['rss_before']) / GB:.2f} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rss", action="store_true", help="also measure loading a real-width E4B cut to a few layers")
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    accelerator_table()
+    if args.rss:
+        rss_table(args.layers)
+
+
+if __name__ == "__main__":
+    main()
