@@ -2,10 +2,11 @@
 
 The architectures are built from their published dimensions with random weights (no hub): Gemma-3-1B (hidden 1152,
 26 layers, 4 heads, 1 KV head, head_dim 256, intermediate 6912, vocabulary 262,144) and Gemma-3n-E4B's language
-model (transformers' `Gemma3nTextConfig` defaults are E4B's text config). Speed and memory do not depend on the
-weights' values. Each model is saved once in bf16, then trained for a few optimizer steps at batch 2 x 1024 tokens
-(multi-turn Persian conversations from the bundled corpus, through persian-qlora's defaults), each method in a fresh
-process so its CUDA peak is its own. The first step is a warm-up and is not timed.
+model, from the whole multimodal E4B (transformers' `Gemma3nConfig` defaults are E4B's: vision and audio towers
+included) saved in the hub's layout and loaded text-only, as a user's `google/gemma-3n-E4B-it` is. Speed and memory
+do not depend on the weights' values. Each model is saved once in bf16, then trained for a few optimizer steps at
+batch 2 x 1024 tokens (multi-turn Persian conversations from the bundled corpus, through persian-qlora's defaults),
+each method in a fresh process so its CUDA peak is its own. The first step is a warm-up and is not timed.
 
     python benchmarks/gpu_scale.py                        # on a CUDA GPU; targets: E4B QLoRA <= 6 GB,
                                                           # 1B QLoRA <= 3 GB, QLoRA tokens/s >= 0.8 x LoRA
@@ -42,7 +43,7 @@ METHODS = ("qlora", "lora")
 def build(name: str, path: Path, layers: int | None) -> None:
     """Save a random-weight model of the published architecture (bf16), with the tiny Gemma-style tokenizer."""
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3nForCausalLM, Gemma3nTextConfig, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM, Gemma3nForConditionalGeneration, Gemma3TextConfig
 
     from persian_qlora.testing import build_tiny_tokenizer
 
@@ -58,15 +59,14 @@ def build(name: str, path: Path, layers: int | None) -> None:
         pattern = ["sliding_attention"] * 5 + ["full_attention"]
         dims["layer_types"] = [pattern[i % 6] for i in range(dims["num_hidden_layers"])]
         config, model_class = Gemma3TextConfig(**dims, **ids), Gemma3ForCausalLM
-    else:
-        config, model_class = Gemma3nTextConfig(**ids), Gemma3nForCausalLM
-        if layers:  # keep the published proportions of sparse and KV-sharing layers roughly
-            config.num_hidden_layers = layers
-            config.layer_types = config.layer_types[:layers]
-            config.intermediate_size = config.intermediate_size[:layers]
-            config.activation_sparsity_pattern = config.activation_sparsity_pattern[:layers]
-            config.num_kv_shared_layers = layers // 2
-    config.tie_word_embeddings = True
+    else:  # the whole multimodal checkpoint, in the hub's layout, as users get google/gemma-3n-E4B-it
+        from realsize_memory import e4b_config
+
+        config, model_class = e4b_config(layers), Gemma3nForConditionalGeneration
+        config.text_config.update(ids)
+        if layers:  # keep the published proportion of KV-sharing layers roughly
+            config.text_config.num_kv_shared_layers = layers // 2
+    config.get_text_config().tie_word_embeddings = True
     # The tiny tokenizer has Gemma's special-token ids; the rest of the 262k vocabulary is simply never read here.
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -82,7 +82,7 @@ def worker(path: Path, method: str, tokens: int, steps: int) -> dict:
 
     from persian_qlora import PersianChatDataset
     from persian_qlora.measure import PhaseMeter
-    from persian_qlora.modeling import build_lora_model, build_qlora_model
+    from persian_qlora.modeling import build_lora_model, build_qlora_model, resolve_dtype
     from persian_qlora.testing import chained_conversations
     from persian_qlora.training import TrainConfig, make_trainer
 
@@ -90,8 +90,8 @@ def worker(path: Path, method: str, tokens: int, steps: int) -> dict:
     records = chained_conversations(tokenizer, [tokens] * (2 * steps))
     dataset = PersianChatDataset(records, tokenizer, max_length=tokens)
     builder = build_qlora_model if method == "qlora" else build_lora_model
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    model = builder(str(path))  # bf16 compute on such a GPU, fp32 on CPU
+    bf16 = resolve_dtype() == torch.bfloat16
+    model = builder(str(path))  # text-only from the multimodal E4B; bf16 compute on a GPU with native bf16
 
     class StepTimes(TrainerCallback):
         def __init__(self) -> None:
