@@ -127,7 +127,7 @@ def worker(workdir: Path, setting: str, chunk_size: int | None) -> dict:
         config = TrainConfig(**common, learning_rate=2e-5, warmup_steps=10, extra=extra, **settings)
         trainer = make_trainer(model, tokenizer, data, config=config)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
-    with PhaseMeter() as meter:
+    with PhaseMeter(model.device) as meter:
         trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from persian_qlora import GemmaChatCollator, PersianChatDataset
 from persian_qlora.loss import chunked_causal_lm_loss, final_hidden_states, lean_model_loss
@@ -298,3 +299,60 @@ def test_the_lean_loss_keeps_a_chunk_of_logits_not_all_of_them_at_gemma_vocabula
     torch.testing.assert_close(
         chunked_causal_lm_loss(hidden, labels, head, chunk_size=64), plain(), rtol=1e-5, atol=1e-6
     )
+
+
+class _LiveVocabularyTensors(TorchDispatchMode):
+    """The most bytes that tensors with a ``vocab``-sized dimension (logits, their softmax) hold at once.
+
+    Every op's new tensors are tracked by their storage until it is freed; views allocate nothing and are skipped.
+    Works on the meta device too, where a storage has its size but no memory.
+    """
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.peak, self._live = vocab, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._live = {key: kept for key, kept in self._live.items() if not kept[0].expired()}
+        if not func.is_view:
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and self.vocab in tensor.shape:
+                    storage = tensor.untyped_storage()
+                    ref = StorageWeakRef(storage)
+                    self._live.setdefault(ref.cdata, (ref, storage.nbytes()))
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self._live.values()))
+        return out
+
+
+def test_evaluation_keeps_a_chunk_of_logits_not_all_of_them_at_gemma_vocabulary(tiny_gemma3_path, tmp_path):
+    """Trainer's evaluation step at 2 × 4000 tokens and 262,144 tokens of vocabulary: asked for the loss alone (no
+    ``compute_metrics``), it is lean; asked for logits too, it is the plain forward. The plain side runs its LM
+    head on the meta device: its 2 × 4000 × 262,144 fp32 logits (8 GB) are counted, not allocated."""
+    from transformers import Gemma3ForCausalLM
+
+    vocab = 262_144
+    config = AutoConfig.from_pretrained(tiny_gemma3_path)
+    config.vocab_size = vocab
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma3_path)
+    trainer = make_trainer(model, tokenizer, [], config=TrainConfig(output_dir=str(tmp_path), optim="adamw_torch"))
+    input_ids = torch.randint(0, len(tokenizer), (2, 4000))
+    labels = input_ids.clone()
+    labels[:, :3000] = IGNORE_INDEX  # a quarter of the positions are model turns
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    with _LiveVocabularyTensors(vocab) as lean:
+        loss, logits, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+    assert logits is None and torch.isfinite(loss)
+
+    meta_head = torch.nn.Linear(config.hidden_size, vocab, bias=False, device="meta")
+    meta_head.register_forward_pre_hook(lambda _module, args: (args[0].to("meta"),))
+    model.lm_head = meta_head
+    with _LiveVocabularyTensors(vocab) as plain:
+        _, logits, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=False)
+    assert logits.shape == (2, 4000, vocab)
+
+    assert plain.peak >= 2 * 4000 * vocab * 4  # at least the fp32 logits
+    assert lean.peak <= 0.10 * plain.peak, (lean.peak, plain.peak)

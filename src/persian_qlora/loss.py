@@ -53,6 +53,25 @@ def _chunk_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.n
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _fused_chunk(hidden, weight, targets, softcap, with_grad):
+    """One chunk's summed NLL and, ``with_grad``, its gradient with respect to ``hidden``. Its logits die with it."""
+    logits = (hidden @ weight.T).float()  # the loss in fp32, as transformers' ForCausalLMLoss
+    if softcap is not None:  # Gemma 3n caps its final logits: c·tanh(z / c)
+        capped = logits.div_(softcap).tanh_()
+        logits = capped * softcap if with_grad else capped.mul_(softcap)  # tanh is kept for the gradient only
+    picked = logits.gather(1, targets[:, None])
+    row_max = logits.amax(dim=1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()  # in place: no second chunk-sized tensor
+    sums = probs.sum(dim=1, keepdim=True)
+    nll = (row_max + sums.log() - picked).sum()
+    if not with_grad:
+        return nll, None
+    grad = probs.div_(sums).scatter_add_(1, targets[:, None], torch.full_like(picked, -1))  # softmax - one-hot
+    if softcap is not None:  # d(c·tanh(z / c))/dz = 1 - tanh²
+        grad.mul_(capped.square_().neg_().add_(1))
+    return nll, grad.to(weight.dtype) @ weight
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` over chunks of rows, its input gradient computed on the way.
 
@@ -63,24 +82,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_size):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        with_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
         for start in range(0, targets.numel(), chunk_size):
-            rows, chunk_targets = slice(start, start + chunk_size), targets[start : start + chunk_size, None]
-            logits = (hidden[rows] @ weight.T).float()  # the loss in fp32, as transformers' ForCausalLMLoss
-            if softcap is not None:  # Gemma 3n caps its final logits: c·tanh(z / c)
-                capped = logits.div_(softcap).tanh_()
-                logits = capped * softcap
-            picked = logits.gather(1, chunk_targets).squeeze(1)
-            row_max = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()  # in place: one chunk of logits alive at a time
-            sums = probs.sum(dim=1, keepdim=True)
-            total += (row_max + sums.log()).squeeze(1).sub_(picked).sum()
-            if grad_hidden is None:
-                continue
-            grad = probs.div_(sums).scatter_add_(1, chunk_targets, torch.full_like(picked[:, None], -1))
-            if softcap is not None:  # d(c·tanh(z / c))/dz = 1 - tanh²
-                grad.mul_(capped.square_().neg_().add_(1))
-            grad_hidden[rows] = grad.to(weight.dtype) @ weight  # d(loss)/d(logits) = softmax - one-hot
+            rows = slice(start, start + chunk_size)
+            nll, grad = _fused_chunk(hidden[rows], weight, targets[rows], softcap, with_grad)
+            total += nll
+            if with_grad:
+                grad_hidden[rows] = grad
         ctx.save_for_backward(grad_hidden)
         return total
 
