@@ -150,6 +150,7 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
     def __init__(self) -> None:
         self.trained_tokens = 0
         self.train_seconds = 0.0  # completed seconds: restored on resume, final after train()
+        self._memory_by_rank: list[dict[str, Any]] = []
         self._started: float | None = None
 
     def elapsed(self) -> float:
@@ -160,7 +161,7 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:  # saved in every checkpoint
         return {"args": {}, "attributes": {"trained_tokens": self.trained_tokens, "train_seconds": self.elapsed()}}
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, *, model, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if state.global_step > 0 and isinstance(saved, dict):  # resumed: continue the totals
             for name, value in saved.get("attributes", {}).items():
