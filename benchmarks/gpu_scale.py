@@ -112,7 +112,7 @@ def worker(path: Path, method: str, tokens: int, steps: int) -> dict:
         extra=extra,
     )
     trainer = make_trainer(model, tokenizer, dataset, config=config, callbacks=[step_times])
-    with PhaseMeter() as meter:
+    with PhaseMeter(model.device) as meter:
         start = time.perf_counter()
         trainer.train()
     marks = [start, *step_times.times]

@@ -67,3 +67,23 @@ def test_other_commands_reject_unknown_flags():
 
     with pytest.raises(SystemExit):
         main(["prepare", "--bogus", "1"])
+
+
+def test_train_reaches_held_out_evaluation_and_on_error_from_yaml_and_flags(tiny_gemma3_path, tmp_path, capsys):
+    from persian_qlora.dataset import bundled_corpus_path
+
+    records = bundled_corpus_path("train").read_text(encoding="utf-8").splitlines()[:12]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join([*records, '{"messages": [{"role": "bot2", "content": "x"}]}']) + "\n", encoding="utf-8")
+    settings = tmp_path / "run.yaml"
+    settings.write_text(f"model: {tiny_gemma3_path}\ndata: {data}\nmethod: lora\neval_fraction: 0.25\n")
+    run = tmp_path / "run"
+    args = ["train", "--config", str(settings), "--output-dir", str(run), "--max_steps", "2", "--save_steps", "2"]
+    args += ["--eval_steps", "1", "--disable_tqdm", "true", "--per_device_train_batch_size", "2"]
+
+    assert main(args) == 2  # on_error defaults to "raise": the bad record stops the run before it starts
+    assert "chat.jsonl line 13, message 0: has unknown role 'bot2'" in capsys.readouterr().err
+    assert main([*args, "--on_error", "skip"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [entry["step"] for entry in metrics["eval_log"]] == [1, 2]
+    assert (run / "eval_loss.png").exists()

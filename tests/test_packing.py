@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from persian_qlora import GemmaChatCollator, PersianChatDataset
-from persian_qlora.loss import chunked_causal_lm_loss, final_hidden_states
+from persian_qlora.loss import chunked_causal_lm_loss, final_hidden_states, lean_model_loss
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.modeling import LoraSettings, build_lora_model
 from persian_qlora.testing import build_tiny_gemma
@@ -89,12 +91,40 @@ def test_with_the_kv_cache_on_packed_conversations_would_see_each_other(tiny_gem
     assert (leaking[:, first:] - apart[:, first:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("fixture", ARCHS)
-@pytest.mark.parametrize("head", ["frozen", "trainable"])  # the fused path, and the recomputing one
-def test_the_chunked_loss_equals_the_plain_loss_with_its_gradients(request, fixture, head):
+class _VocabularyMatmuls(TorchDispatchMode):
+    """Counts the multiply-adds of the matrix products with a ``vocab``-sized side: the LM head's, forward and back."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.macs = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            left, right = args[-2], args[-1]
+            if self.vocab in (*left.shape, *right.shape):
+                self.macs += left.shape[0] * left.shape[1] * right.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+# (fixture, final-logit soft-cap): the model's own (Gemma 3n's 30, none for Gemma 3), and 0.5, which saturates the
+# tiny models' logits (up to about 0.75), so a wrong soft-cap gradient shows. Gemma3ForConditionalGeneration
+# applies no soft-cap in its own forward, so it is tested without.
+_SOFTCAPS = [(fixture, "own") for fixture in ARCHS] + [
+    (fixture, 0.5) for fixture in ARCHS if fixture != "tiny_gemma3_vision_path"
+]
+
+
+@pytest.mark.parametrize(("fixture", "softcap"), _SOFTCAPS)
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+def test_the_chunked_loss_equals_the_plain_loss_with_its_gradients(request, fixture, softcap, head):
+    """A frozen head takes the fused path (two head matmuls per row: forward, and the input gradient); a trainable
+    one recomputes its chunks (four: forward, recompute, input and weight gradients). Both equal the plain loss."""
     path = request.getfixturevalue(fixture)
     tokenizer, features = _features(path)
     model = _load(path, "sdpa")
+    text_config = model.config.get_text_config()
+    if softcap != "own":
+        text_config.final_logit_softcapping = softcap
     model.get_output_embeddings().requires_grad_(head == "trainable")  # frozen, as in QLoRA and LoRA
     batch = GemmaChatCollator.for_model(tokenizer, model)(features)  # padded: the pad positions must be skipped
     trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -107,19 +137,56 @@ def test_the_chunked_loss_equals_the_plain_loss_with_its_gradients(request, fixt
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         hidden = final_hidden_states(model, model, **inputs, use_cache=False)
-        softcap = model.config.get_text_config().final_logit_softcapping
-        lean = chunked_causal_lm_loss(
-            hidden,
-            batch["labels"],
-            model.get_output_embeddings(),
-            softcap=softcap,
-            num_items_in_batch=num_items,
-            chunk_size=37,  # several chunks, the last one short
-        )
-        lean.backward()
+        with _VocabularyMatmuls(text_config.vocab_size) as head_matmuls:
+            lean = chunked_causal_lm_loss(
+                hidden,
+                batch["labels"],
+                model.get_output_embeddings(),
+                softcap=text_config.final_logit_softcapping,
+                num_items_in_batch=num_items,
+                chunk_size=37,  # several chunks, the last one short
+            )
+            lean.backward()
         torch.testing.assert_close(lean.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
         _assert_close(_grads(model), expected_grads)
+        per_row = text_config.hidden_size * text_config.vocab_size
+        assert head_matmuls.macs == (2 if head == "frozen" else 4) * trained * per_row
         model.zero_grad()
+
+
+def test_a_lora_adapted_lm_head_gets_the_plain_loss_gradients(tiny_gemma3_path):
+    """A peft-wrapped head is not fused (the fused path reads the frozen base weight alone): LoRA's own gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer, features = _features(tiny_gemma3_path, count=2)
+    model = get_peft_model(
+        _load(tiny_gemma3_path, "sdpa"), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+    )
+    batch = GemmaChatCollator.for_model(tokenizer, model)(features)
+    _plain_loss(model, batch, None).backward()
+    expected = _grads(model)
+    assert any("lm_head.lora_B" in name for name in expected)
+    model.zero_grad()
+    lean_model_loss(model, batch.pop("labels"), chunk_size=37, **batch, use_cache=False).backward()
+    _assert_close(_grads(model), expected)
+
+
+def test_the_fused_loss_keeps_bf16_states_and_an_fp32_loss():
+    """bf16 hidden states and head, as on a GPU: the loss is fp32, the input gradient bf16, both as the plain loss."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 3000, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(2, 90, 64, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 3000, (2, 90))
+    labels[:, :30] = IGNORE_INDEX
+
+    plain = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).float().flatten(0, 1), labels[:, 1:].flatten())
+    plain.backward()
+    expected, hidden.grad = hidden.grad, None
+    lean = chunked_causal_lm_loss(hidden, labels, head, chunk_size=37)
+    lean.backward()
+    assert lean.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, expected, rtol=2e-2, atol=1e-5)  # bf16 rounding, in another order
 
 
 @pytest.mark.parametrize("frozen", [True, False])
@@ -259,3 +326,60 @@ def test_the_lean_loss_keeps_a_chunk_of_logits_not_all_of_them_at_gemma_vocabula
     torch.testing.assert_close(
         chunked_causal_lm_loss(hidden, labels, head, chunk_size=64), plain(), rtol=1e-5, atol=1e-6
     )
+
+
+class _LiveVocabularyTensors(TorchDispatchMode):
+    """The most bytes that tensors with a ``vocab``-sized dimension (logits, their softmax) hold at once.
+
+    Every op's new tensors are tracked by their storage until it is freed; views allocate nothing and are skipped.
+    Works on the meta device too, where a storage has its size but no memory.
+    """
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.peak, self._live = vocab, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._live = {key: kept for key, kept in self._live.items() if not kept[0].expired()}
+        if not func.is_view:
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and self.vocab in tensor.shape:
+                    storage = tensor.untyped_storage()
+                    ref = StorageWeakRef(storage)
+                    self._live.setdefault(ref.cdata, (ref, storage.nbytes()))
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self._live.values()))
+        return out
+
+
+def test_evaluation_keeps_a_chunk_of_logits_not_all_of_them_at_gemma_vocabulary(tiny_gemma3_path, tmp_path):
+    """Trainer's evaluation step at 2 × 4000 tokens and 262,144 tokens of vocabulary: asked for the loss alone (no
+    ``compute_metrics``), it is lean; asked for logits too, it is the plain forward. The plain side runs its LM
+    head on the meta device: its 2 × 4000 × 262,144 fp32 logits (8 GB) are counted, not allocated."""
+    from transformers import Gemma3ForCausalLM
+
+    vocab = 262_144
+    config = AutoConfig.from_pretrained(tiny_gemma3_path)
+    config.vocab_size = vocab
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma3_path)
+    trainer = make_trainer(model, tokenizer, [], config=TrainConfig(output_dir=str(tmp_path), optim="adamw_torch"))
+    input_ids = torch.randint(0, len(tokenizer), (2, 4000))
+    labels = input_ids.clone()
+    labels[:, :3000] = IGNORE_INDEX  # a quarter of the positions are model turns
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    with _LiveVocabularyTensors(vocab) as lean:
+        loss, logits, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+    assert logits is None and torch.isfinite(loss)
+
+    meta_head = torch.nn.Linear(config.hidden_size, vocab, bias=False, device="meta")
+    meta_head.register_forward_pre_hook(lambda _module, args: (args[0].to("meta"),))
+    model.lm_head = meta_head
+    with _LiveVocabularyTensors(vocab) as plain:
+        _, logits, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=False)
+    assert logits.shape == (2, 4000, vocab)
+
+    assert plain.peak >= 2 * 4000 * vocab * 4  # at least the fp32 logits
+    assert lean.peak <= 0.10 * plain.peak, (lean.peak, plain.peak)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
-from persian_qlora import PersianChatDataset
+from persian_qlora import ConfigError, PersianChatDataset
 from persian_qlora.modeling import build_lora_model, build_qlora_model
 from persian_qlora.training import TrainConfig, make_trainer
 
@@ -145,3 +145,106 @@ def test_report_to_tensorboard_logs_loss_offline(tiny_gemma3_path, tmp_path):
     accumulator.Reload()
     assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3]
     assert "train/grad_norm" in accumulator.Tags()["scalars"]
+
+
+def _overfitting_run(path, output_dir, **settings):
+    """LoRA at a high learning rate on two repeated conversations, evaluated every step on six others: the held-out
+    loss falls for three steps, then rises (deterministic on CPU)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dataset = PersianChatDataset.bundled(tokenizer, max_length=128)
+    train, held_out = [dataset[i] for i in range(2)] * 8, [dataset[i] for i in range(10, 16)]
+    config = _small_config(output_dir, learning_rate=3e-2, max_steps=8, save_steps=1, eval_steps=1, **settings)
+    torch.manual_seed(0)
+    trainer = make_trainer(build_lora_model(path), tokenizer, train, held_out, config=config)
+    trainer.train()
+    return trainer
+
+
+def test_held_out_evaluation_stops_early_and_ends_on_the_best_checkpoint(tiny_gemma3_path, tmp_path):
+    trainer = _overfitting_run(tiny_gemma3_path, tmp_path, load_best_model_at_end=True, early_stopping_patience=2)
+    evals = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+    best_step, best_loss = min(evals, key=lambda pair: pair[1])
+    assert [step for step, _ in evals] == list(range(1, len(evals) + 1))  # every eval_steps
+    assert trainer.state.global_step == best_step + 2 < 8  # two evaluations without improvement, then stop
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best_step}")
+
+    best = load_file(tmp_path / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    last = load_file(tmp_path / f"checkpoint-{trainer.state.global_step}" / "adapter_model.safetensors")
+    trainer.save_model(str(tmp_path / "final"))
+    final = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert any(not torch.equal(best[name], last[name]) for name in best)
+    for name, tensor in best.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=0)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_eval_loss"] == pytest.approx(best_loss) and len(metrics["eval_log"]) == len(evals)
+
+
+def test_the_lean_eval_loss_equals_the_plain_one(tiny_gemma3_path, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma3_path)
+    dataset = PersianChatDataset.bundled(tokenizer, max_length=200)
+    held_out = [dataset[i] for i in range(7)]  # 4 batches of 2, the last one short
+    losses = {}
+    for lean in (True, False):
+        config = _small_config(tmp_path / str(lean), lean_loss=lean)
+        trainer = make_trainer(build_lora_model(tiny_gemma3_path), tokenizer, held_out, held_out, config=config)
+        losses[lean] = trainer.evaluate()["eval_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_evaluation_settings_that_cannot_work_are_refused_at_once(tmp_path):
+    from persian_qlora.training import RunConfig
+
+    with pytest.raises(ConfigError, match="need an evaluation set"):
+        RunConfig.load(None, {"output_dir": str(tmp_path), "early_stopping_patience": 3})
+    with pytest.raises(ConfigError, match=r"save_steps \(50\) must be a multiple of eval_steps \(30\)"):
+        RunConfig.load(None, {"eval_fraction": 0.1, "eval_steps": 30, "load_best_model_at_end": True})
+    aligned = RunConfig.load(None, {"eval_fraction": 0.1, "load_best_model_at_end": True, "save_steps": 20})
+    arguments = aligned.train.training_arguments(evaluate=True)
+    assert (arguments.eval_strategy.value, arguments.eval_steps, arguments.metric_for_best_model) == (
+        "steps",
+        20,
+        "eval_loss",
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        RunConfig.load(None, {"eval_fraction": 0.1, "eval_data": "some/dataset"})
+    with pytest.raises(ConfigError, match="eval_fraction must be"):
+        RunConfig.load(None, {"eval_fraction": 1.0})
+    with pytest.raises(ConfigError, match="on_error must be"):
+        RunConfig.load(None, {"on_error": "ignore"})
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"eval_data": "mshojaei77/persian-gk", "eval_split": "test"}, "test split"),
+        ({"eval_data": "mshojaei77/persian-gk", "eval_split": "train"}, "training data itself"),
+        ({"tiny": True, "eval_data": "BUNDLED_TEST"}, "test split"),
+        ({"tiny": True, "eval_data": "BUNDLED_TRAIN"}, "training data itself"),
+        ({"eval_data": "mshojaei77/persian-gk", "eval_split": "validation"}, None),
+        ({"eval_data": "other/dataset", "eval_split": "test"}, None),
+    ],
+)
+def test_the_test_split_of_the_training_data_is_never_the_eval_set(settings, refused):
+    from persian_qlora.dataset import bundled_corpus_path
+    from persian_qlora.training import RunConfig
+
+    bundled = {"BUNDLED_TEST": str(bundled_corpus_path("test")), "BUNDLED_TRAIN": str(bundled_corpus_path("train"))}
+    settings = {k: bundled.get(v, v) if isinstance(v, str) else v for k, v in settings.items()}
+    if refused is None:
+        assert RunConfig.load(None, settings).eval_data == settings["eval_data"]
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            RunConfig.load(None, settings)
+
+
+def test_a_held_out_fraction_is_drawn_with_the_seed_and_not_trained_on(tiny_tokenizer):
+    from persian_qlora.training import RunConfig
+
+    def split(seed):
+        config = RunConfig.load(None, {"tiny": True, "eval_fraction": 0.25, "seed": seed})
+        train, held_out = config.load_datasets(tiny_tokenizer)
+        return train.indices, held_out.indices, len(train.dataset)
+
+    train, held_out, total = split(3407)
+    assert len(held_out) == round(total * 0.25) and sorted(train + held_out) == list(range(total))
+    assert split(3407)[1] == held_out and split(1)[1] != held_out

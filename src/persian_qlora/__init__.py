@@ -17,7 +17,14 @@ _EXPORTS = {
     "collator": ["GemmaChatCollator"],
     "compare": ["CompareConfig", "compare"],
     "dataset": ["DatasetStats", "PersianChatDataset", "bundled_corpus_path", "clean_conversation"],
-    "errors": ["InvalidRecordError", "MissingExtraError", "NonFiniteError", "PersianQLoRAError", "TemplateError"],
+    "errors": [
+        "ConfigError",
+        "InvalidRecordError",
+        "MissingExtraError",
+        "NonFiniteError",
+        "PersianQLoRAError",
+        "TemplateError",
+    ],
     "generation": ["evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
     "loss": ["chunked_causal_lm_loss"],
     "masking": ["GemmaTurnMarkers", "model_turn_labels"],
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
     from persian_qlora.compare import CompareConfig, compare
     from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation
     from persian_qlora.errors import (
+        ConfigError,
         InvalidRecordError,
         MissingExtraError,
         NonFiniteError,

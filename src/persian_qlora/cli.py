@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune with QLoRA or LoRA",
         description="Fine-tune with QLoRA or LoRA. Settings: the reference recipe, then --config YAML, then "
         "--key value overrides (any RunConfig/TrainConfig field, lora_r/lora_alpha/lora_dropout/"
-        "lora_target_modules, or any transformers TrainingArguments field).",
+        "lora_target_modules, or any transformers TrainingArguments field), e.g. --eval_fraction 0.05 "
+        "--early_stopping_patience 3 --load_best_model_at_end true --on_error skip.",
     )
     _add_run_options(train, "offline preset: tiny random Gemma 3 + bundled corpus")
     train.add_argument("--method", choices=["qlora", "lora"], help="default: qlora")

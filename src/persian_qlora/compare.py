@@ -138,8 +138,9 @@ def _scores(result, references, normalize) -> dict[str, Any]:
     }
 
 
-def _run_method(method: str, config: CompareConfig, model_path: str, train_source: str, test_source: str) -> dict:
+def _run_method(method: str, config: CompareConfig, model_path: str, test_source: str) -> dict:
     """One method, start to end, in a fresh process. Returns plain data for the report."""
+    import torch
     from transformers import AutoTokenizer, set_seed
 
     from persian_qlora.dataset import PersianChatDataset
@@ -156,7 +157,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, train_sourc
     train_config = copy.deepcopy(run.train)
     train_config.output_dir = str(output)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train = PersianChatDataset(train_source, tokenizer, split=run.split, max_length=train_config.max_length)
+    train, held_out = run.load_datasets(tokenizer)  # held_out: None unless eval_data or eval_fraction is set
     test = PersianChatDataset(test_source, tokenizer, split=config.test_split, max_length=train_config.max_length)
     prompts, references = evaluation_pairs(test.conversations[: config.max_eval])
     scored = [test[i] for i in range(len(prompts))]  # the same conversations, tokenized with their labels
@@ -179,10 +180,13 @@ def _run_method(method: str, config: CompareConfig, model_path: str, train_sourc
 
     set_seed(train_config.seed)  # the same LoRA initialisation for every method
     builder = build_qlora_model if method == "qlora" else build_lora_model
-    with PhaseMeter() as load:
-        model = builder(model_path, lora=run.lora)
+    # On a GPU the base loads straight onto it (LoRA's 16-bit base too), so the load is measured where it runs.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
+    with PhaseMeter(device) as load:
+        model = builder(model_path, lora=run.lora, **placement)
     before = evaluate(model)  # LoRA B starts at zero: this is the base model as loaded
-    trainer = make_trainer(model, tokenizer, train, config=train_config)
+    trainer = make_trainer(model, tokenizer, train, held_out, config=train_config)
     trainer.train()  # its RunMetricsCallback measures the phase: time, peak memory, tokens/s
     trainer.save_model()
     after = evaluate(model)
@@ -201,7 +205,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, train_sourc
         result["merged"] = []
         for merge_base in config.merge_bases:
             merged_dir = Path(config.output_dir) / f"{method}-merged-{merge_base}"
-            with PhaseMeter() as merging:
+            with PhaseMeter("cpu") as merging:  # merge_to_fp16 merges in fp32 on the CPU
                 # quant_dtype: the dtype build_qlora_model loaded the base in, so "nf4" is the trained base
                 merge_to_fp16(
                     model_path, output, merged_dir, merge_base=merge_base, quant_dtype=resolve_dtype(), overwrite=True
@@ -246,7 +250,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_path, train_source = config.run.model, config.run.data
+    model_path, train_source = config.run.model, config.run.training_source()
     test_source = config.test_data or config.run.data
     if config.run.tiny:
         from persian_qlora.tiny import build_tiny_persian_lm
@@ -255,14 +259,13 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         if not (output_dir / "tiny-base" / "config.json").exists():
             logger.info("pretraining the tiny Persian base model on the train split's text (about a minute)")
             build_tiny_persian_lm(model_path)
-        train_source = str(bundled_corpus_path("train"))
         test_source = config.test_data or str(bundled_corpus_path("test"))
     elif config.run.gguf_file is not None:
         from persian_qlora.bases import gguf_base
 
         model_path = str(gguf_base(model_path, config.run.gguf_file))
 
-    runs = [_in_fresh_process(method, config, model_path, train_source, test_source) for method in config.methods]
+    runs = [_in_fresh_process(method, config, model_path, test_source) for method in config.methods]
     report = {
         "config": {
             "model": config.model_label or (TINY_BASE_LABEL if config.run.tiny else model_path),

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-__all__ = ["InvalidRecordError", "MissingExtraError", "NonFiniteError", "PersianQLoRAError", "TemplateError"]
+__all__ = [
+    "ConfigError",
+    "InvalidRecordError",
+    "MissingExtraError",
+    "NonFiniteError",
+    "PersianQLoRAError",
+    "TemplateError",
+]
 
 
 class PersianQLoRAError(Exception):
     """Base class of every error persian-qlora raises on purpose."""
+
+
+class ConfigError(PersianQLoRAError, ValueError):
+    """A setting is invalid, or contradicts another; raised before anything is loaded or trained."""
 
 
 class TemplateError(PersianQLoRAError):

@@ -100,7 +100,7 @@ def generate(
 
     was_training = model.training
     model.eval()
-    with PhaseMeter() as meter, torch.no_grad():
+    with PhaseMeter(device) as meter, torch.no_grad():
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
             width = max(len(encoded[i]) for i in batch)

@@ -11,7 +11,8 @@ With a frozen bias-free LM head (QLoRA and LoRA on Gemma: tied, untrained embedd
 with respect to its hidden states is computed in the forward pass, while its logits are at hand, as Liger's fused
 linear cross-entropy does: two matmuls per chunk, as many as the plain loss. A trainable or wrapped head (e.g.
 ``lm_head`` among the LoRA targets) instead recomputes each chunk in the backward pass (activation checkpointing):
-one matmul more.
+one matmul more. Without gradients (evaluation, :func:`~persian_qlora.perplexity.perplexity`) the fused path only
+runs forward, and still holds one chunk of logits at a time.
 """
 
 from __future__ import annotations
@@ -69,40 +70,64 @@ def _chunk_nll_sum(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.n
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _fused_chunk(hidden, weight, targets, softcap, with_grad):
+    """One chunk's summed NLL and, ``with_grad``, its gradient with respect to ``hidden``. Its logits die with it."""
+    logits = (hidden @ weight.T).float()  # the loss in fp32, as transformers' ForCausalLMLoss
+    if softcap is not None:  # Gemma 3n caps its final logits: c·tanh(z / c)
+        capped = logits.div_(softcap).tanh_()
+        logits = capped * softcap if with_grad else capped.mul_(softcap)  # tanh is kept for the gradient only
+    picked = logits.gather(1, targets[:, None])
+    row_max = logits.amax(dim=1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()  # in place: no second chunk-sized tensor
+    sums = probs.sum(dim=1, keepdim=True)
+    nll = (row_max + sums.log() - picked).sum()
+    if not with_grad:
+        return nll, None
+    grad = probs.div_(sums).scatter_add_(1, targets[:, None], torch.full_like(picked, -1))  # softmax - one-hot
+    if softcap is not None:  # d(c·tanh(z / c))/dz = 1 - tanh²
+        grad.mul_(capped.square_().neg_().add_(1))
+    return nll, grad.to(weight.dtype) @ weight
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` over chunks of rows, its input gradient computed on the way.
 
-    Keeps only the (rows × hidden) gradient for the backward pass, never a chunk's logits. ``weight`` is frozen.
+    Keeps only the (rows × hidden) gradient for the backward pass, never a chunk's logits: two matmuls per chunk,
+    where recomputing the chunk in the backward pass costs three. ``weight`` is frozen (it gets no gradient).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_size, divisor):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        with_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
         for start in range(0, targets.numel(), chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (hidden[rows] @ weight.T).float()
-            capped = None
-            if softcap is not None:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            log_norm = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[rows, None]).squeeze(1)
-            total += (log_norm - picked).sum()
-            if grad_hidden is None:
-                continue
-            grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place: d(loss)/d(logits) = softmax - one-hot
-            grad[torch.arange(grad.shape[0], device=grad.device), targets[rows]] -= 1
-            if capped is not None:  # through c·tanh(z / c): times 1 - tanh²
-                grad.mul_(1 - capped.square_())
-            grad_hidden[rows] = (grad / divisor).to(weight.dtype) @ weight
+            nll, grad = _fused_chunk(hidden[rows], weight, targets[rows], softcap, with_grad)
+            total += nll
+            if with_grad:
+                grad_hidden[rows] = grad
         ctx.save_for_backward(grad_hidden)
-        return total / divisor
+        return total
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None
+
+
+def _fusable(lm_head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether the fused path computes what ``lm_head(hidden)`` would and all the gradient the loss needs.
+
+    It reads the weight directly, so the head must be a plain, bias-free ``nn.Linear`` (not a peft or
+    bitsandbytes layer, whose forward does more) on the states' device (not offloaded), and get no gradient.
+    """
+    return (
+        type(lm_head) is torch.nn.Linear
+        and lm_head.bias is None
+        and lm_head.weight.device == hidden.device
+        and not (torch.is_grad_enabled() and lm_head.weight.requires_grad)
+    )
 
 
 def chunked_causal_lm_loss(
@@ -119,6 +144,8 @@ def chunked_causal_lm_loss(
     ``labels`` are aligned with the inputs (shifted here, -100 ignored). The summed loss is divided by
     ``num_items_in_batch`` when given, the trained tokens of the whole accumulated batch, as transformers'
     ``ForCausalLMLoss`` does, so gradient accumulation weighs every token alike; otherwise by this batch's count.
+    A frozen, bias-free ``nn.Linear`` head takes the fused path; any other head (trainable, or wrapped by peft)
+    recomputes each chunk in the backward pass.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
@@ -126,10 +153,14 @@ def chunked_causal_lm_loss(
     trained = targets != IGNORE_INDEX
     selected = hidden_states[:, :-1][trained]
     targets = targets[trained]
-    total = selected[:0].float().sum()  # zero, but on the graph: a batch with no label still backpropagates
-    for start in range(0, targets.numel(), chunk_size):
-        rows = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_nll_sum, selected[rows], targets[rows], lm_head, softcap, use_reentrant=False)
+    if _fusable(lm_head, selected):
+        total = _FusedLinearCrossEntropy.apply(selected, lm_head.weight, targets, softcap, chunk_size)
+    else:
+        total = selected[:0].float().sum()  # zero, but on the graph: a batch with no label still backpropagates
+        for start in range(0, targets.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = (selected[rows], targets[rows], lm_head, softcap)
+            total = total + checkpoint(_chunk_nll_sum, *chunk, use_reentrant=False)
     if num_items_in_batch is None:
         num_items_in_batch = targets.numel()
     if isinstance(num_items_in_batch, torch.Tensor):

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_callback import ExportableState
 
 from persian_qlora._files import atomic_write_text
 from persian_qlora.collator import GemmaChatCollator
-from persian_qlora.errors import NonFiniteError
+from persian_qlora.errors import ConfigError, NonFiniteError
 from persian_qlora.loss import DEFAULT_CHUNK_SIZE, lean_model_loss
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.measure import PhaseMeter
@@ -54,6 +54,12 @@ class TrainConfig:
     the measurements): ``padding_free`` puts each micro-batch's conversations in one row with no padding (off, the
     trainer groups conversations of similar length instead); ``lean_loss`` projects only the labelled positions onto
     the vocabulary, ``loss_chunk_size`` rows at a time (:func:`~persian_qlora.loss.chunked_causal_lm_loss`).
+
+    With an evaluation set (``make_trainer(eval_dataset=...)``, or :class:`RunConfig`'s ``eval_data`` /
+    ``eval_fraction``), the held-out loss ``eval_loss`` is computed every ``eval_steps`` optimizer steps (default:
+    ``save_steps``, so that every evaluation has its checkpoint), at the training batch size.
+    ``load_best_model_at_end`` ends on the checkpoint of lowest ``eval_loss``; ``early_stopping_patience`` stops
+    after that many evaluations in a row without a lower one (transformers' ``EarlyStoppingCallback``).
     """
 
     output_dir: str = "runs/persian-qlora"
@@ -74,9 +80,13 @@ class TrainConfig:
     padding_free: bool = True
     lean_loss: bool = True
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+    eval_steps: int | None = None
+    load_best_model_at_end: bool = False
+    early_stopping_patience: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def training_arguments(self) -> TrainingArguments:
+    def training_arguments(self, *, evaluate: bool = False) -> TrainingArguments:
+        """The ``TrainingArguments`` of this config; ``evaluate``: with an evaluation set."""
         known = {f.name for f in fields(TrainingArguments)}
         unknown = sorted(set(self.extra) - known)
         if unknown:
@@ -90,24 +100,58 @@ class TrainConfig:
             label_names=["labels"],  # a PeftModel hides the forward signature Trainer would read them from
             dataloader_pin_memory=torch.cuda.is_available(),
         )
+        if evaluate:
+            values.update(
+                eval_strategy="steps",
+                eval_steps=self.eval_steps or self.save_steps,
+                per_device_eval_batch_size=self.per_device_train_batch_size,  # no more memory than a training step
+                metric_for_best_model="eval_loss",
+                greater_is_better=False,
+            )
+        elif self.load_best_model_at_end or self.early_stopping_patience is not None:
+            raise ConfigError(
+                "load_best_model_at_end and early_stopping_patience need an evaluation set: set eval_data or "
+                "eval_fraction (RunConfig), or pass eval_dataset to make_trainer"
+            )
         values.update(self.extra)
+        eval_steps = values.get("eval_steps")
+        if (
+            evaluate
+            and values["load_best_model_at_end"]
+            and isinstance(eval_steps, int)
+            and values["save_steps"] % eval_steps
+        ):
+            raise ConfigError(
+                f"load_best_model_at_end loads the best checkpoint, so save_steps ({values['save_steps']}) must "
+                f"be a multiple of eval_steps ({eval_steps}): leave eval_steps unset (it then equals "
+                "save_steps) or pick a divisor of save_steps"
+            )
         return TrainingArguments(**values)
 
 
-_NOT_TRAINING_ARGUMENTS = ("extra", "max_length", "padding_free", "lean_loss", "loss_chunk_size")
+_NOT_TRAINING_ARGUMENTS = (
+    "extra",
+    "max_length",
+    "padding_free",
+    "lean_loss",
+    "loss_chunk_size",
+    "early_stopping_patience",
+)
 
 
 class RunMetricsCallback(TrainerCallback, ExportableState):
     """Records wall time, peak memory and trained tokens/s, and writes ``metrics.json`` and charts at the end.
 
-    Peak memory is measured over ``train()`` by :class:`~persian_qlora.measure.PhaseMeter`: CUDA's max allocated and
-    reserved on a GPU, the sampled peak resident set size on CPU. Trained tokens are label tokens that carry loss;
-    token and time totals survive a resume from checkpoint.
+    Peak memory is measured over ``train()`` by :class:`~persian_qlora.measure.PhaseMeter` on the model's device:
+    CUDA's max allocated and reserved on a GPU, the sampled peak resident set size on CPU; ``memory_by_rank`` holds
+    every process's, each naming its device. Trained tokens are label tokens that carry loss, summed over all
+    processes; token and time totals survive a resume from checkpoint.
     """
 
     def __init__(self) -> None:
         self.trained_tokens = 0
         self.train_seconds = 0.0  # completed seconds: restored on resume, final after train()
+        self._memory_by_rank: list[dict[str, Any]] = []
         self._started: float | None = None
 
     def elapsed(self) -> float:
@@ -118,17 +162,20 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:  # saved in every checkpoint
         return {"args": {}, "attributes": {"trained_tokens": self.trained_tokens, "train_seconds": self.elapsed()}}
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, *, model, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if state.global_step > 0 and isinstance(saved, dict):  # resumed: continue the totals
             for name, value in saved.get("attributes", {}).items():
                 setattr(self, name, value)
-        self._meter = PhaseMeter().__enter__()
+        self._meter = PhaseMeter(next(model.parameters()).device).__enter__()
         self._started = time.perf_counter()
 
     def on_train_end(self, args, state, control, **kwargs):
+        from accelerate.utils import gather_object
+
         self.train_seconds, self._started = self.elapsed(), None
         self._meter.__exit__(None, None, None)
+        self._memory_by_rank = gather_object([self._meter.result.memory])  # every process takes part
         if state.is_world_process_zero:
             output = Path(args.output_dir)
             output.mkdir(parents=True, exist_ok=True)
@@ -148,7 +195,13 @@ class RunMetricsCallback(TrainerCallback, ExportableState):
             "trained_tokens_per_second": self.trained_tokens / self.train_seconds if self.train_seconds else None,
             "final_loss": steps[-1]["loss"] if steps else None,
             "memory": self._meter.result.memory,
+            "memory_by_rank": self._memory_by_rank,
             "log": steps,
+            "eval_log": [
+                {"step": e["step"], "eval_loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e
+            ],
+            "best_eval_loss": state.best_metric,
+            "best_checkpoint": state.best_model_checkpoint,
         }
 
 
@@ -175,7 +228,7 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
 
 
 class _Trainer(Trainer):
-    """``Trainer`` that computes the lean loss, weighs every trained token alike under gradient accumulation, counts
+    """``Trainer`` that computes the lean loss (in training, and in evaluations that ask for no logits), weighs every trained token alike under gradient accumulation, counts
     trained tokens, stops on a non-finite loss or gradient norm before the optimizer step, resumes only from complete
     checkpoints, and saves how the base was loaded beside every adapter it saves."""
 
@@ -231,6 +284,17 @@ class _Trainer(Trainer):
         if loading is not None:
             loading.save(output_dir or self.args.output_dir)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation without ``compute_metrics`` asks for the loss alone: compute it lean. Trainer's own step asks
+        ``compute_loss`` for the outputs too, i.e. logits over the whole vocabulary at every position."""
+        if not (self.lean_loss and prediction_loss_only and "labels" in inputs):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)  # as Trainer's step
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        return loss.detach().mean(), None, None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Accumulated on the device, read once per optimizer step below: no extra sync per micro-step.
@@ -244,8 +308,8 @@ class _Trainer(Trainer):
         grad_norm = super()._get_grad_norm(model, grad_norm)
         tokens, loss = self._step_tokens, self._step_loss
         self._step_tokens = self._step_loss = None
-        if tokens is not None:
-            self.run_metrics.trained_tokens += int(tokens)
+        if tokens is not None:  # every rank counted its own batches: the run trained their sum
+            self.run_metrics.trained_tokens += int(self.accelerator.reduce(tokens, reduction="sum"))
         # Trainer's logging_nan_inf_filter only hides a NaN loss from the logs; here it stops the run.
         for what, value in (("loss", loss), ("gradient norm", grad_norm)):
             if value is not None and not math.isfinite(float(value)):
@@ -267,20 +331,24 @@ def make_trainer(
 
     It uses :class:`GemmaChatCollator` (padding-free by default, with ``token_type_ids`` where the model needs
     them) and the lean loss (see :class:`TrainConfig`), logs loss, grad
-    norm and learning rate every step, checkpoints every ``save_steps``, and records run metrics
+    norm and learning rate every step, checkpoints every ``save_steps``, evaluates ``eval_dataset`` (held-out
+    conversations, as ``train_dataset``; optional) every ``eval_steps``, and records run metrics
     (:class:`RunMetricsCallback`, also at ``trainer.run_metrics``). ``trainer.train(resume_from_checkpoint=True)``
     resumes the latest checkpoint in ``output_dir``. Save the adapter and tokenizer with ``trainer.save_model()``.
     """
     config = config if config is not None else TrainConfig()
     run_metrics = RunMetricsCallback()
+    callbacks = [run_metrics, *(callbacks or [])]
+    if config.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     return _Trainer(
         model=model,
-        args=config.training_arguments(),
+        args=config.training_arguments(evaluate=eval_dataset is not None),
         data_collator=GemmaChatCollator.for_model(tokenizer, model, padding_free=config.padding_free),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[run_metrics, *(callbacks or [])],
+        callbacks=callbacks,
         run_metrics=run_metrics,
         lean_loss=config.lean_loss,
         loss_chunk_size=config.loss_chunk_size,
@@ -288,14 +356,15 @@ def make_trainer(
 
 
 def write_training_charts(log_history: list[dict[str, Any]], output_dir: str | Path) -> list[Path]:
-    """Write ``loss.png`` and ``grad_norm.png`` (per optimizer step) from a Trainer log history."""
+    """Write ``loss.png``, ``grad_norm.png`` and, with evaluation, ``eval_loss.png`` (per optimizer step) from a
+    Trainer log history."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for key, title in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+    for key, title in (("loss", "training loss"), ("grad_norm", "gradient norm"), ("eval_loss", "held-out loss")):
         points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
         if not points:
             continue
@@ -318,12 +387,22 @@ class RunConfig:
     ``tiny=True`` is the offline preset: a tiny random Gemma 3 from :mod:`persian_qlora.tiny` and the bundled
     corpus, in place of ``model`` and ``data``. ``gguf_file`` names a GGUF checkpoint in (or instead of)
     ``model``, converted once into a cached ordinary checkpoint (:func:`~persian_qlora.bases.gguf_base`).
+
+    Held-out evaluation during training (see :class:`TrainConfig` for when and what): ``eval_data``, a dataset
+    name or file as ``data``, read at ``eval_split``; or ``eval_fraction``, that share of the training
+    conversations, drawn with ``train.seed`` and not trained on. Never the test split of the training data, which
+    is kept for the final evaluation (``compare``). ``on_error`` is :class:`PersianChatDataset`'s: ``"raise"`` at
+    the first malformed record, or ``"skip"`` (and count) them.
     """
 
     method: Literal["qlora", "lora"] = "qlora"
     model: str = "google/gemma-3-1b-it"
     data: str = "mshojaei77/persian-gk"
     split: str = "train"
+    eval_data: str | None = None
+    eval_split: str = "validation"
+    eval_fraction: float = 0.0
+    on_error: Literal["raise", "skip"] = "raise"
     tiny: bool = False
     gguf_file: str | None = None
     quant_storage: str | None = None  # QLoRA only: "bfloat16" for FSDP-QLoRA (see docs/multi-gpu.md)
@@ -355,7 +434,7 @@ class RunConfig:
             if key in ("lora", "train"):
                 raise ValueError(f"use flat keys (e.g. lora_r, learning_rate), not a {key!r} section")
             if key in {f.name for f in fields(cls)}:
-                setattr(config, key, value)
+                setattr(config, key, _like(getattr(config, key), value, key))
             elif key.startswith("lora_") and key.removeprefix("lora_") in lora_fields:
                 name = key.removeprefix("lora_")
                 value = tuple(value) if name == "target_modules" else _like(getattr(config.lora, name), value, key)
@@ -367,8 +446,77 @@ class RunConfig:
         config.train.output_dir = str(_checked_output_dir(config.train.output_dir))
         if config.method not in ("qlora", "lora"):
             raise ValueError(f"method must be 'qlora' or 'lora', got {config.method!r}")
-        config.train.training_arguments()  # fail now, not hours later, on a misspelt TrainingArguments field
+        config.check_data_settings()
+        # Fail now, not hours later, on a misspelt TrainingArguments field or contradictory evaluation settings.
+        config.train.training_arguments(evaluate=config.eval_data is not None or config.eval_fraction > 0)
         return config
+
+    def training_source(self) -> str:
+        """Where the training conversations come from: ``data``, or the bundled corpus with ``tiny``."""
+        from persian_qlora.dataset import bundled_corpus_path
+
+        return str(bundled_corpus_path("train")) if self.tiny else self.data
+
+    def check_data_settings(self) -> None:
+        """Refuse data settings that cannot work, before anything is loaded."""
+        from persian_qlora.dataset import bundled_corpus_path
+
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be at least 0 and below 1, got {self.eval_fraction}")
+        if self.eval_data is None:
+            return
+        if self.eval_fraction:
+            raise ConfigError("set eval_data or eval_fraction, not both")
+        source = self.training_source()
+        same = _same_source(self.eval_data, source)
+        in_file = Path(source).is_file()  # a file has no splits: all of it is training data
+        bundled_test = _same_source(source, bundled_corpus_path("train")) and _same_source(
+            self.eval_data, bundled_corpus_path("test")
+        )
+        if bundled_test or (same and not in_file and self.eval_split == "test"):
+            raise ConfigError(
+                f"eval_data {self.eval_data!r} (split {self.eval_split!r}) is the test split of the training data, "
+                "kept for the final evaluation: evaluate during training on a validation split or file, or hold "
+                "out eval_fraction of the training conversations"
+            )
+        if same and (in_file or self.eval_split == self.split):
+            raise ConfigError(
+                f"eval_data {self.eval_data!r} is the training data itself: name a validation split or file, or "
+                "hold out eval_fraction of the training conversations"
+            )
+
+    def load_datasets(self, tokenizer) -> tuple[Any, Any]:
+        """The training conversations and the held-out evaluation set (None without one), tokenized."""
+        from persian_qlora.dataset import PersianChatDataset
+
+        self.check_data_settings()
+        settings = {"max_length": self.train.max_length, "on_error": self.on_error}
+        train = PersianChatDataset(self.training_source(), tokenizer, split=self.split, **settings)
+        logger.info("training data:\n%s", train.stats)
+        if self.eval_data is not None:
+            return train, PersianChatDataset(self.eval_data, tokenizer, split=self.eval_split, **settings)
+        if not self.eval_fraction:
+            return train, None
+        held_out = round(len(train) * self.eval_fraction)
+        if not 0 < held_out < len(train):
+            raise ConfigError(
+                f"eval_fraction {self.eval_fraction} of {len(train)} conversations holds out {held_out}: "
+                "choose a fraction that leaves at least one conversation on each side"
+            )
+        generator = torch.Generator().manual_seed(self.train.seed)
+        train_part, eval_part = torch.utils.data.random_split(train, [len(train) - held_out, held_out], generator)
+        logger.info("held out %d of %d conversations for evaluation", held_out, len(train))
+        return train_part, eval_part
+
+
+def _same_source(a: str | Path, b: str | Path) -> bool:
+    """Whether two dataset names or paths name the same data (paths compared resolved)."""
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    if first.exists() and second.exists():
+        return first.resolve() == second.resolve()
+    return str(a) == str(b)
 
 
 def _checked_output_dir(value: str | Path) -> Path:
@@ -401,11 +549,10 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
     """
     from transformers import AutoTokenizer, set_seed
 
-    from persian_qlora.dataset import PersianChatDataset, bundled_corpus_path
     from persian_qlora.modeling import build_lora_model, build_qlora_model, default_bnb_config
 
     output_dir = Path(config.train.output_dir)
-    model_path, data = config.model, config.data
+    model_path = config.model
     if config.tiny:
         from accelerate import PartialState
 
@@ -415,22 +562,20 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
         with PartialState().main_process_first():  # under `accelerate launch`, rank 0 builds it, the others wait
             if not (output_dir / "tiny-base" / "config.json").exists():
                 build_tiny_gemma(model_path, "gemma3")
-        data = str(bundled_corpus_path("train"))
     elif config.gguf_file is not None:
         from persian_qlora.bases import gguf_base
 
         model_path = str(gguf_base(model_path, config.gguf_file))  # the same checkpoint for QLoRA and LoRA
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    dataset = PersianChatDataset(data, tokenizer, split=config.split, max_length=config.train.max_length)
-    logger.info("training data:\n%s", dataset.stats)
+    train, held_out = config.load_datasets(tokenizer)
     builder = build_qlora_model if config.method == "qlora" else build_lora_model
     extra: dict[str, Any] = {}
     if config.method == "qlora" and config.quant_storage:
         extra["bnb_config"] = default_bnb_config(quant_storage=config.quant_storage)
     set_seed(config.train.seed)  # LoRA's A matrices are random: the same seed gives the same run
     model = builder(model_path, lora=config.lora, **extra)
-    trainer = make_trainer(model, tokenizer, dataset, config=config.train, callbacks=callbacks)
+    trainer = make_trainer(model, tokenizer, train, held_out, config=config.train, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model()
     return output_dir
