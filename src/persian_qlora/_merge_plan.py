@@ -110,7 +110,9 @@ def trained_text_only(family: GemmaFamily, record: BaseLoading | None, lora: Ada
                 f"but this base is {family.model_type}; merge it into the base it was trained on"
             )
         return record.text_only
-    whole = family.multimodal and any(text_name(family, m) not in (None, m) for m in lora.module_names)
+    whole = family.multimodal and any(
+        family.is_tower_weight(m) or text_name(family, m) not in (None, m) for m in lora.module_names
+    )
     logger.warning(
         "%s has no base_loading.json (saved by an older persian-qlora, or by peft directly): assuming it was trained "
         "on the %s, as its module names say",
@@ -324,10 +326,11 @@ def write_output(output: OutputTensor, writer: ShardWriter, nf4: NF4Settings | N
 def check_written(
     outputs: list[OutputTensor], directory: Path, nf4: NF4Settings | None
 ) -> tuple[float | None, str | None]:
-    """Re-read every written tensor and compare it with what it must be: an unchanged tensor with its source (equal
-    after the cast, so byte-identical when the dtype is the stored one), a changed one with its fp32 merge, W0 + ΔW
-    recomputed. Returns the largest ‖written − exact‖ / ‖ΔW‖ (the share of an update lost to the output dtype's
-    rounding) and its tensor."""
+    """Re-read every tensor written to ``directory`` and compare it with what it must be, bit for bit: an unchanged
+    tensor with its source after the cast (byte-identical when the dtype is the stored one), a changed one with its
+    fp32 merge recomputed from W0 and the adapter, then cast. For each tensor the adapter changed, also measure how
+    much of its update the output dtype's rounding lost: ‖(written − W0 in the output dtype) − ΔW‖ / ‖ΔW‖. Returns
+    the largest such share and its tensor."""
     written = read_checkpoint(directory)
     worst, worst_name = None, None
     for output in outputs:
@@ -337,18 +340,20 @@ def check_written(
         error = update = 0.0
         for rows in output.blocks():
             got = read_tensor(found, rows if found.shape else None)
-            if not output.changed:
+            if output.changed:
+                exact = output.exact(rows, nf4)
+                expected = exact.to(output.dtype)
+            else:
                 expected = read_tensor(output.source, rows if found.shape else None).to(output.dtype)
-                if not torch.equal(got.view(torch.uint8), expected.contiguous().view(torch.uint8)):
-                    raise PersianQLoRAError(f"verify: {output.name} differs from the base's tensor after writing")
-                continue
-            exact = output.exact(rows, nf4)
-            error += float((got.float() - exact).square().sum())
-            update += float((exact - output.w0(rows, nf4)).square().sum())
-        if output.changed and update > 0:
-            share = (error / update) ** 0.5
-            if worst is None or share > worst:
-                worst, worst_name = share, output.name
+            if not torch.equal(got.view(torch.uint8), expected.contiguous().view(torch.uint8)):
+                raise PersianQLoRAError(f"verify: {output.name} in {directory} is not what was computed for it")
+            if output.edit is not None:
+                w0 = output.w0(rows, nf4)
+                change = exact - w0
+                error += float((got.float() - w0.to(output.dtype).float() - change).square().sum())
+                update += float(change.square().sum())
+        if update > 0 and (worst is None or (error / update) ** 0.5 > worst):
+            worst, worst_name = (error / update) ** 0.5, output.name
     if worst is not None and worst > 0.5:
         logger.warning(
             "verify: the output dtype's rounding loses %.0f%% of the update to %s; merge into a wider dtype "

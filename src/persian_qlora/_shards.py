@@ -24,7 +24,7 @@ from persian_qlora.errors import PersianQLoRAError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-COPY_CHUNK = 64 * 2**20  # bytes held at a time when a tensor is copied or cast piece by piece
+COPY_CHUNK = 16 * 2**20  # bytes held at a time when a tensor is copied, cast or merged piece by piece
 
 _DTYPES = {
     "F64": torch.float64,
