@@ -307,6 +307,31 @@ def test_a_trained_adapter_merges_to_bf16_with_its_tokenizer_card_and_verify(tra
     assert merged.dtype == torch.bfloat16 and merged.lm_head.weight is merged.get_input_embeddings().weight
 
 
+def test_verify_tensors_rereads_every_tensor_and_refuses_a_bad_write(tiny_gemma3_path, tmp_path, monkeypatch):
+    """The per-tensor check, in the merge's memory: how much of each update bf16 keeps, and a write that is not what
+    was computed (here one value of one tensor changed on its way to disk) refused, leaving nothing behind."""
+    from persian_qlora._shards import ShardWriter
+
+    _adapter(tiny_gemma3_path, tmp_path / "lora")
+    result = merge_to_fp16(tiny_gemma3_path, tmp_path / "lora", tmp_path / "bf16", verify="tensors")
+    assert result.max_abs_logit_diff is None and 0 < result.update_rounding < 0.1
+    exact = merge_to_fp16(tiny_gemma3_path, tmp_path / "lora", tmp_path / "fp32", verify="tensors", dtype=torch.float32)
+    assert exact.update_rounding == 0
+
+    write = ShardWriter.write
+
+    def faulty(self, name, data):
+        if name == "model.layers.1.mlp.up_proj.weight" and isinstance(data, torch.Tensor):
+            data = data.clone()
+            data.view(-1)[7] += 1
+        write(self, name, data)
+
+    monkeypatch.setattr(ShardWriter, "write", faulty)
+    with pytest.raises(PersianQLoRAError, match=r"verify: model.layers.1.mlp.up_proj.weight .* is not what was"):
+        merge_to_fp16(tiny_gemma3_path, tmp_path / "lora", tmp_path / "faulty", verify="tensors")
+    assert not (tmp_path / "faulty").exists()
+
+
 def test_an_adapter_without_base_loading_json_still_merges(trained, tmp_path, caplog):
     """Older adapters: the original base merges (names tell how the base was loaded); NF4 needs quant_dtype."""
     base, adapter = trained

@@ -66,28 +66,25 @@ class OutputTensor:
     source: StoredTensor
     dtype: torch.dtype
     edit: Edit | None = None
-    nf4: bool = False
+    nf4: NF4Settings | None = None  # set when W0 is the NF4 round trip of the stored weight
 
     @property
     def changed(self) -> bool:
-        return self.edit is not None or self.nf4
+        return self.edit is not None or self.nf4 is not None
 
     def blocks(self) -> list[slice]:
-        if self.nf4 or not self.source.shape:  # NF4 statistics span the whole tensor
+        if self.nf4 is not None or not self.source.shape:  # NF4 statistics span the whole tensor
             return [slice(0, self.source.shape[0] if self.source.shape else 1)]
         return list(self.source.row_chunks())
 
-    def exact(self, rows: slice, nf4: NF4Settings | None) -> torch.Tensor:
-        """Rows of the merged weight in fp32: W0 (stored, or its NF4 round trip) with the adapter's edit applied."""
+    def w0(self, rows: slice) -> torch.Tensor:
+        """Rows of W0 in fp32: the stored weight, or its NF4 round trip."""
         stored = read_tensor(self.source, rows if self.source.shape else None)
-        weight = nf4.round_trip(stored) if self.nf4 else stored.float()
-        if self.edit is not None:
-            weight = self.edit.apply(weight, rows)
-        return weight
+        return self.nf4.round_trip(stored) if self.nf4 is not None else stored.float()
 
-    def w0(self, rows: slice, nf4: NF4Settings | None) -> torch.Tensor:
-        stored = read_tensor(self.source, rows if self.source.shape else None)
-        return nf4.round_trip(stored) if self.nf4 else stored.float()
+    def merged(self, w0: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The rows of W0 with the adapter's edit applied, in place, in fp32."""
+        return self.edit.apply(w0, rows) if self.edit is not None else w0
 
 
 def text_name(family: GemmaFamily, name: str) -> str | None:
@@ -278,7 +275,7 @@ def plan_outputs(
     for name, source in stored.items():
         text = text_name(trained.family, name)
         out_dtype = dtype if source.dtype.is_floating_point else source.dtype
-        outputs.append(OutputTensor(name, source, out_dtype, edits.get(text), nf4=text in quantised))
+        outputs.append(OutputTensor(name, source, out_dtype, edits.get(text), nf4 if text in quantised else None))
     return outputs + extra, tied_head
 
 
@@ -300,21 +297,15 @@ def _check_fits(shape: tuple[int, ...] | None, edit: Edit | None, source: Stored
         )
 
 
-def write_output(output: OutputTensor, writer: ShardWriter, nf4: NF4Settings | None) -> None:
-    """Write one output tensor: a byte copy, a cast block by block, or the merge block by block."""
-    source = output.source
-    if not output.changed and output.dtype == source.dtype:
-        copy_bytes(source, writer, output.name)
+def write_output(output: OutputTensor, writer: ShardWriter) -> None:
+    """Write one output tensor: a byte copy, or block by block its merge (or plain cast) in the output dtype."""
+    if not output.changed and output.dtype == output.source.dtype:
+        copy_bytes(output.source, writer, output.name)
         return
     for rows in output.blocks():
-        if output.changed:
-            block = output.exact(rows, nf4)
-            if not torch.isfinite(block).all():
-                raise PersianQLoRAError(
-                    f"{output.name}: the merged weight is not finite in fp32; the adapter or the base is broken"
-                )
-        else:
-            block = read_tensor(source, rows if source.shape else None)
+        block = output.merged(output.w0(rows), rows)
+        if not torch.isfinite(block).all():
+            raise PersianQLoRAError(f"{output.name} is not finite in fp32; the adapter or the base is broken")
         cast = block.to(output.dtype)
         if cast.is_floating_point() and not torch.isfinite(cast).all():
             raise PersianQLoRAError(
@@ -323,10 +314,8 @@ def write_output(output: OutputTensor, writer: ShardWriter, nf4: NF4Settings | N
         writer.write(output.name, cast)
 
 
-def check_written(
-    outputs: list[OutputTensor], directory: Path, nf4: NF4Settings | None
-) -> tuple[float | None, str | None]:
-    """Re-read every tensor written to ``directory`` and compare it with what it must be, bit for bit: an unchanged
+def check_written(outputs: list[OutputTensor], directory: Path) -> tuple[float | None, str | None]:
+    """Re-read every tensor written to ``directory`` and compare it bit for bit with what it must be: an unchanged
     tensor with its source after the cast (byte-identical when the dtype is the stored one), a changed one with its
     fp32 merge recomputed from W0 and the adapter, then cast. For each tensor the adapter changed, also measure how
     much of its update the output dtype's rounding lost: ‖(written − W0 in the output dtype) − ΔW‖ / ‖ΔW‖. Returns
@@ -340,15 +329,11 @@ def check_written(
         error = update = 0.0
         for rows in output.blocks():
             got = read_tensor(found, rows if found.shape else None)
-            if output.changed:
-                exact = output.exact(rows, nf4)
-                expected = exact.to(output.dtype)
-            else:
-                expected = read_tensor(output.source, rows if found.shape else None).to(output.dtype)
-            if not torch.equal(got.view(torch.uint8), expected.contiguous().view(torch.uint8)):
+            w0 = output.w0(rows)
+            exact = output.merged(w0.clone() if output.edit is not None else w0, rows)
+            if not torch.equal(got.view(torch.uint8), exact.to(output.dtype).contiguous().view(torch.uint8)):
                 raise PersianQLoRAError(f"verify: {output.name} in {directory} is not what was computed for it")
             if output.edit is not None:
-                w0 = output.w0(rows, nf4)
                 change = exact - w0
                 error += float((got.float() - w0.to(output.dtype).float() - change).square().sum())
                 update += float(change.square().sum())

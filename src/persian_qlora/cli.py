@@ -263,7 +263,7 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
         merge_base=args.merge_base,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
-        verify=args.verify,
+        verify={None: False, "all": True, "tensors": "tensors"}[args.verify],
     )
     print(
         f"merged {args.adapter} into {base} ({args.merge_base} base, {args.dtype}): {result.merged_tensors} tensors "
@@ -335,7 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="2GB")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument(
-        "--verify", action="store_true", help="re-read every written tensor; compare merged and base+adapter logits"
+        "--verify",
+        nargs="?",
+        const="all",
+        choices=["all", "tensors"],
+        help="re-read every written tensor and compare merged and base+adapter logits (needs the model in fp32); "
+        "'--verify tensors': the per-tensor check alone, in the merge's own memory",
     )
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model and its card to the hub")
     merge.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")

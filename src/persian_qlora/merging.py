@@ -96,11 +96,12 @@ class MergeResult:
     output_dir: Path
     merge_base: MergeBase
     dtype: torch.dtype
-    max_abs_logit_diff: float | None  # verify=True: merged model vs base+adapter on the probe conversation
+    max_abs_logit_diff: float | None  # verify=True: merged model vs base+adapter on a probe conversation
     merged_tensors: int = 0  # tensors the adapter (or the NF4 round trip) changed
     copied_tensors: int = 0  # tensors written unchanged (byte-identical when the dtype is the stored one)
     tied_head: bool = True  # False when the adapter trained the LM head and the embedding apart: both are written
-    update_rounding: float | None = None  # verify=True: the largest share ‖written − exact‖/‖ΔW‖ over changed tensors
+    # verify: the largest share of an update ΔW lost to the output dtype's rounding, and the tensor it is in
+    update_rounding: float | None = None
     update_rounding_tensor: str | None = None
 
 
@@ -173,7 +174,7 @@ def merge_to_fp16(
     quant_dtype: torch.dtype | None = None,
     max_shard_size: str | int = "2GB",
     overwrite: bool = False,
-    verify: bool = False,
+    verify: bool | Literal["tensors"] = False,
     allow_pickle: bool = False,
     datasets: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
@@ -195,9 +196,11 @@ def merge_to_fp16(
     assumed). ``dtype=torch.float16`` is refused when an fp16 forward of the merged model on a probe conversation
     is not finite (Gemma's activations overflow fp16).
 
-    ``verify=True`` re-reads every written tensor and compares it with its source or its fp32 merge, then runs a
-    probe conversation through base+adapter and through the merged model, one after the other, and reports the
-    largest logit difference. That probe holds one fp32 copy of the model: see docs/merging.md for the cost.
+    ``verify=True`` re-reads every written tensor and compares it bit for bit with its source or its recomputed
+    merge (reporting how much of each update the output dtype's rounding lost), then runs a probe conversation
+    through base+adapter and through the merged model, one after the other, and reports the largest logit
+    difference. The probe holds one fp32 copy of the model; ``verify="tensors"`` runs the per-tensor check alone,
+    in the merge's own memory (see docs/merging.md).
     ``gguf_file`` takes a GGUF base as the builders do (its cached bf16 conversion is the base). ``hub_kwargs``
     (``revision``, ``token``, ``cache_dir``...) go to ``huggingface_hub.snapshot_download`` for a hub id.
     """
@@ -206,6 +209,8 @@ def merge_to_fp16(
 
     if merge_base not in ("original", "nf4"):
         raise ValueError(f"merge_base must be 'original' or 'nf4', got {merge_base!r}")
+    if verify not in (False, True, "tensors"):
+        raise ValueError(f"verify must be False, True or 'tensors', got {verify!r}")
     if dtype not in _OUTPUT_DTYPES:
         raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
     output_dir = Path(output_dir)
@@ -233,7 +238,7 @@ def merge_to_fp16(
         writer = ShardWriter(staging, shards)
         try:
             for output in outputs:
-                write_output(output, writer, nf4)
+                write_output(output, writer)
             writer.close()
         finally:
             writer.abort()
@@ -255,7 +260,8 @@ def merge_to_fp16(
         if dtype == torch.float16:
             _refuse_fp16_overflow(staging, family, text_only)
         if verify:
-            result.update_rounding, result.update_rounding_tensor = check_written(outputs, staging, nf4)
+            result.update_rounding, result.update_rounding_tensor = check_written(outputs, staging)
+        if verify is True:
             reference = _reference_logits(base_dir, lora.directory, family, text_only, nf4, allow_pickle, staging)
             merged = _probe_logits(_load_merged(staging, family, text_only, torch.float32), staging)
             result.max_abs_logit_diff = float((merged - reference).abs().max())
