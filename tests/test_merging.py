@@ -18,19 +18,12 @@ from persian_qlora.families import FAMILIES
 from persian_qlora.loading import PROVENANCE_FILE, load_base
 from persian_qlora.merging import merge_to_fp16
 from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model
+from persian_qlora.pytest_plugin import TINY_LAYOUTS
 from persian_qlora.testing import build_tiny_gemma
 from persian_qlora.training import TrainConfig, make_trainer
 
-# Every tiny layout: text-only Gemma 3 and 3n, and both multimodal hub layouts, with adapters trained on the
-# language model alone (the default) or on the whole model.
-LAYOUTS = [
-    ("tiny_gemma3_path", True),
-    ("tiny_gemma3n_path", True),
-    ("tiny_gemma3_vision_hub_path", True),
-    ("tiny_gemma3_vision_hub_path", False),
-    ("tiny_gemma3n_multimodal_hub_path", True),
-    ("tiny_gemma3n_multimodal_hub_path", False),
-]
+# Every tiny layout, with adapters trained on the language model alone (the default) or on the whole model.
+LAYOUTS = TINY_LAYOUTS
 LAYOUT_IDS = ["gemma3", "gemma3n", "gemma3-vision", "gemma3-vision-whole", "gemma3n-mm", "gemma3n-mm-whole"]
 PROBE = [{"role": "user", "content": "ایران کجاست؟"}, {"role": "assistant", "content": "در غرب آسیا."}]
 BF16_HALF_ULP = 2**-8  # bf16 keeps 8 significant bits: rounding moves a value by at most this share of it
