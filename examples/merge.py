@@ -1,4 +1,5 @@
-"""Merge a trained adapter into a standalone fp16 model, and check it against base + adapter.
+"""Merge a trained adapter into a standalone bf16 model (the whole base checkpoint), and check it against base +
+adapter.
 
 python examples/merge.py runs/qlora merged/qlora-nf4 --merge-base nf4
 """
@@ -27,7 +28,7 @@ result = merge_to_fp16(
     args.output,
     merge_base=args.merge_base,  # "nf4": the weights a QLoRA adapter was trained against
     max_shard_size="2GB",
-    verify=True,  # reload the merged model and compare its logits with base + adapter
+    verify=True,  # re-read every tensor, then compare the merged model's logits with base + adapter
     metrics=card_metrics,
 )
 print(f"merged model in {result.output_dir}; max |logit difference| = {result.max_abs_logit_diff:.2e}")

@@ -51,8 +51,8 @@ def test_train_then_merge_offline(tmp_path, capsys):
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(run), "--output", str(merged), "--merge-base", "nf4", "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "verify: max |logit difference|" in out
-    assert json.loads((merged / "config.json").read_text())["dtype"] == "float16"
+    assert "verify: every tensor re-read and checked" in out and "verify: max |logit difference|" in out
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
     assert main(["merge", "--adapter", str(run), "--output", str(merged)]) == 2
     assert "already exists" in capsys.readouterr().err
 

@@ -64,7 +64,7 @@ def test_both_runs_share_data_order_and_settings(report_dir):
 
 def test_report_markdown_has_the_table_signature_and_rtl_samples(report_dir):
     text = (report_dir / "report.md").read_text(encoding="utf-8")
-    assert "| QLoRA (NF4 base) |" in text and "| LoRA (16-bit base) |" in text and "merged fp16" in text
+    assert "| QLoRA (NF4 base) |" in text and "| LoRA (16-bit base) |" in text and "merged bf16" in text
     assert "tok:intl" in text and "transformers 5." in text
     assert '<div dir="rtl">' in text and "![loss.png](loss.png)" in text
 
@@ -80,4 +80,4 @@ def test_the_nf4_merge_reproduces_the_trained_qlora_model_and_the_original_merge
     assert abs(merged["nf4"] - trained) < 1e-3 * trained
     assert abs(merged["original"] - trained) > 10 * abs(merged["nf4"] - trained)
     text = (report_dir / "report.md").read_text(encoding="utf-8")
-    assert "## Merge bases" in text and "| merged fp16, nf4 base |" in text and "test perplexity" in text
+    assert "## Merge bases" in text and "| merged bf16, nf4 base |" in text and "test perplexity" in text

@@ -10,6 +10,7 @@ from persian_qlora import GemmaChatCollator, PersianChatDataset
 from persian_qlora.loss import chunked_causal_lm_loss, final_hidden_states, lean_model_loss
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.modeling import LoraSettings, build_lora_model
+from persian_qlora.pytest_plugin import TINY_LAYOUTS
 from persian_qlora.testing import build_tiny_gemma
 from persian_qlora.training import TrainConfig, make_trainer
 
@@ -254,14 +255,7 @@ def test_every_training_setting_takes_the_same_accumulated_step(tiny_gemma3_path
         assert moved < 1e-6, (name, moved)
 
 
-LOADS = [
-    ("tiny_gemma3_path", True),
-    ("tiny_gemma3n_path", True),
-    ("tiny_gemma3_vision_hub_path", True),
-    ("tiny_gemma3_vision_hub_path", False),
-    ("tiny_gemma3n_multimodal_hub_path", True),
-    ("tiny_gemma3n_multimodal_hub_path", False),
-]
+LOADS = TINY_LAYOUTS
 
 
 @pytest.mark.parametrize("lean_loss", [True, False], ids=["lean", "plain"])

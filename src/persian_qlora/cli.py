@@ -127,7 +127,7 @@ def _print_report(report: dict, output_dir: str) -> None:
     print("\n".join(table_lines(report)))
     merge_table = merge_table_lines(report)
     if merge_table:
-        print("\nmerge bases (the adapter as trained, and merged into fp16):")
+        print("\nmerge bases (the adapter as trained, and merged into bf16):")
         print("\n".join(merge_table))
     print(
         f"\nreport: {Path(output_dir) / 'report.md'} (and report.json, loss.png, grad_norm.png, metrics.png, "
@@ -263,9 +263,19 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
         merge_base=args.merge_base,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
-        verify=args.verify,
+        verify={None: False, "all": True, "tensors": "tensors"}[args.verify],
     )
-    print(f"merged {args.adapter} into {base} ({args.merge_base} base, {args.dtype}) -> {result.output_dir}")
+    print(
+        f"merged {args.adapter} into {base} ({args.merge_base} base, {args.dtype}): {result.merged_tensors} tensors "
+        f"merged, {result.copied_tensors} copied -> {result.output_dir}"
+    )
+    if not result.tied_head:
+        print("the adapter trained the LM head apart from the embedding: both are written (tie_word_embeddings false)")
+    if result.update_rounding is not None:
+        print(
+            f"verify: every tensor re-read and checked; {args.dtype} rounding loses at most "
+            f"{result.update_rounding:.1%} of an update ({result.update_rounding_tensor})"
+        )
     if result.max_abs_logit_diff is not None:
         print(f"verify: max |logit difference| merged vs base+adapter = {result.max_abs_logit_diff:.3g}")
     if args.push_to_hub:
@@ -317,10 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="directory for the merged model (must not exist)")
     merge.add_argument("--gguf-file", help="the base is this GGUF file (a path, or a file in --base)")
     merge.add_argument("--merge-base", choices=["original", "nf4"], default="original", help="see docs/merging.md")
-    merge.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    merge.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="output dtype (float16 is refused when its forward overflows)",
+    )
     merge.add_argument("--max-shard-size", default="2GB")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    merge.add_argument("--verify", action="store_true", help="compare merged and base+adapter logits")
+    merge.add_argument(
+        "--verify",
+        nargs="?",
+        const="all",
+        choices=["all", "tensors"],
+        help="re-read every written tensor and compare merged and base+adapter logits (needs the model in fp32); "
+        "'--verify tensors': the per-tensor check alone, in the merge's own memory",
+    )
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model and its card to the hub")
     merge.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
     merge.set_defaults(run=_merge)

@@ -2,7 +2,7 @@
 
 Each method runs in its own fresh process, so that its memory figures are its own: load the base (4-bit for
 QLoRA, 16-bit for LoRA), generate on the test prompts before training, train, generate after, optionally merge
-into fp16 and generate with the merged model. Every phase is timed and its peak memory measured
+into bf16 and generate with the merged model. Every phase is timed and its peak memory measured
 (:class:`~persian_qlora.measure.PhaseMeter`). The two runs differ only in the base's quantisation.
 """
 
@@ -34,7 +34,7 @@ class CompareConfig:
 
     ``test_data=None`` evaluates on ``test_split`` of the training source. With ``run.tiny``, the base is
     :func:`~persian_qlora.tiny.build_tiny_persian_lm` (cached in ``output_dir``) and the data the bundled
-    corpus's fixed splits. The runs in ``merge_methods`` are merged into fp16 once per base in ``merge_bases``
+    corpus's fixed splits. The runs in ``merge_methods`` are merged into bf16 once per base in ``merge_bases``
     (``"original"``, ``"nf4"``; see :func:`~persian_qlora.merge_to_fp16`), and each merged model is evaluated too.
     ``perplexity=True`` adds the test conversations' model-turn perplexity to every evaluation.
     ``model_label`` names the base in the report (default: its path).
@@ -147,7 +147,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, test_source
     from persian_qlora.generation import evaluation_pairs, generate, load_for_inference
     from persian_qlora.measure import PhaseMeter
     from persian_qlora.merging import merge_to_fp16
-    from persian_qlora.modeling import build_lora_model, build_qlora_model, resolve_dtype
+    from persian_qlora.modeling import build_lora_model, build_qlora_model
     from persian_qlora.normalize import DEFAULT_NORMALIZER
     from persian_qlora.perplexity import perplexity
     from persian_qlora.training import make_trainer
@@ -205,11 +205,9 @@ def _run_method(method: str, config: CompareConfig, model_path: str, test_source
         result["merged"] = []
         for merge_base in config.merge_bases:
             merged_dir = Path(config.output_dir) / f"{method}-merged-{merge_base}"
-            with PhaseMeter("cpu") as merging:  # merge_to_fp16 merges in fp32 on the CPU
-                # quant_dtype: the dtype build_qlora_model loaded the base in, so "nf4" is the trained base
-                merge_to_fp16(
-                    model_path, output, merged_dir, merge_base=merge_base, quant_dtype=resolve_dtype(), overwrite=True
-                )
+            with PhaseMeter("cpu") as merging:  # the merge runs on the CPU
+                # "nf4" re-makes the base as training quantised it, from the adapter's base_loading.json
+                merge_to_fp16(model_path, output, merged_dir, merge_base=merge_base, overwrite=True)
             merged, _ = load_for_inference(merged_dir)
             scores = evaluate(merged)
             del merged

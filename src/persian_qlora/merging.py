@@ -1,20 +1,31 @@
-"""`merge_to_fp16`: fold a LoRA adapter into its base, W = W0 + (B A)·alpha/r, and save a standalone 16-bit model.
+"""`merge_to_fp16`: fold a LoRA adapter into its base checkpoint tensor by tensor, and ship the whole checkpoint.
+
+The merge streams: each tensor of the base's safetensors shards is read on its own (a block of rows at a time for
+the large ones), the adapter is folded into it in fp32, W = W0 + scale·(B A), the result is cast to the output
+dtype and appended to the output shard being written. Every other tensor (towers, embeddings, per-layer
+embeddings, norms) is copied unchanged, byte for byte when the output dtype is the stored one. Memory grows with
+the largest linear weight, not with the model: no model is built, on any device.
+
+The output is the base checkpoint with the adapter folded in: its own tensor names, config and architecture (a
+merged Gemma 3n E4B loads as ``Gemma3nForConditionalGeneration`` with its towers), tokenizer, chat template,
+generation and processor configs, and a model card. "16" in the name is the output's width: **bf16** by default,
+fp16 on request (refused when an fp16 forward overflows), or fp32.
 
 Two choices of W0 (``merge_base``):
 
-- ``"original"``: the 16-bit base weights. The merged model is the original model plus the learned update; with
-  a QLoRA adapter it differs from what training saw by the NF4 quantisation error.
-- ``"nf4"``: the NF4-dequantized weights that a QLoRA adapter was trained against. The merged model reproduces
-  the trained base+adapter (up to fp16 rounding), but every quantised linear carries the NF4 error.
+- ``"original"``: the stored 16-bit weights. With a QLoRA adapter the result differs from what training saw by the
+  NF4 quantisation error.
+- ``"nf4"``: the NF4 round trip of every weight the 4-bit loader quantised, made with the settings recorded beside
+  the adapter at training (``base_loading.json``): the trained QLoRA model, up to the output dtype's rounding.
 
-See docs/merging.md for the trade-off. Merging happens in fp32; the result is checked for inf/NaN before and after
-the cast, and written atomically.
+See docs/merging.md for the trade-off, the adapter kinds, what ``verify`` compares and the memory it takes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +34,27 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from persian_qlora._adapter_edits import read_adapter
 from persian_qlora._files import staged_directory
+from persian_qlora._merge_plan import (
+    NF4Settings,
+    TrainedModel,
+    check_written,
+    nf4_settings,
+    plan_outputs,
+    trained_text_only,
+    write_output,
+)
+from persian_qlora._shards import (
+    PlannedTensor,
+    ShardWriter,
+    plan_shards,
+    planned_bytes,
+    read_checkpoint,
+)
 from persian_qlora.errors import PersianQLoRAError
+from persian_qlora.families import GemmaFamily, family_of
+from persian_qlora.loading import read_provenance
 
 __all__ = ["MergeResult", "merge_to_fp16", "push_to_hub", "render_model_card"]
 
@@ -32,9 +62,32 @@ logger = logging.getLogger("persian_qlora")
 
 MergeBase = Literal["original", "nf4"]
 _MERGE_BASE_WORDS = {"original": "the original 16-bit weights", "nf4": "the NF4-dequantized weights it was trained on"}
+_OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PROBE = [
     {"role": "user", "content": "سلام! لطفاً در یک جمله بگو تخت جمشید کجاست."},
     {"role": "assistant", "content": "تخت جمشید در نزدیکی شیراز، در استان فارس است."},
+]
+# Files of a checkpoint that are not copied: its weights (rewritten), config (rewritten) and card (rewritten).
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.safetensors\.index\.json$")
+_REWRITTEN = ("config.json", "README.md")
+_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# What a hub snapshot needs for a merge: weights in safetensors, configs, tokenizer, chat template, licence texts.
+_HUB_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.jinja",
+    "tokenizer.model",
+    "*.txt",
+    "LICENSE*",
 ]
 
 
@@ -43,65 +96,13 @@ class MergeResult:
     output_dir: Path
     merge_base: MergeBase
     dtype: torch.dtype
-    max_abs_logit_diff: float | None  # merged (reloaded from disk) vs base+adapter, when verify=True
-
-
-def _dequantize_nf4_into(model: nn.Module, base: str, quant_dtype: torch.dtype, load_kwargs: dict[str, Any]) -> int:
-    """Replace every weight the 4-bit loader quantises with its NF4 round trip (as QLoRA training saw it).
-
-    The base is loaded in 4-bit with the same settings as :func:`build_qlora_model`, so exactly the same linears
-    are quantised (towers included, AltUp and the LM head not); each is dequantized into ``model``.
-    """
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
-
-    from persian_qlora.modeling import default_bnb_config
-
-    quantized = AutoModelForCausalLM.from_pretrained(
-        base, dtype=quant_dtype, quantization_config=default_bnb_config(torch.float32), **load_kwargs
-    )
-    targets = dict(model.named_modules())
-    count = 0
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-            targets[name].weight.data.copy_(weight.to(torch.float32))
-            count += 1
-    del quantized
-    return count
-
-
-def _probe_logits(model: nn.Module, tokenizer) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template(_PROBE, return_tensors="pt", return_dict=True)["input_ids"]
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids.to(model.device)).logits.float().cpu()
-
-
-def _check_finite(model: nn.Module, stage: str) -> None:
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise PersianQLoRAError(
-            f"{stage}: non-finite weights in {len(bad)} tensor(s), first {bad[:3]}; the adapter or base is broken "
-            "(for fp16 output, try dtype=torch.bfloat16)"
-        )
-
-
-def _check_free_space(model: nn.Module, directory: Path) -> None:
-    """Refuse to start writing shards that cannot fit: a full disk mid-save is the worst way to find out."""
-    seen: set[int] = set()
-    needed = 0
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.data_ptr() not in seen:  # tied weights are stored once
-            seen.add(tensor.data_ptr())
-            needed += tensor.numel() * tensor.element_size()
-    needed = int(needed * 1.05) + 50 * 2**20  # shard headers, tokenizer, card
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise PersianQLoRAError(
-            f"not enough disk space in {directory}: the merged model needs about {needed / 2**30:.2f} GiB and "
-            f"{free / 2**30:.2f} GiB are free; free some space or choose another output directory"
-        )
+    max_abs_logit_diff: float | None  # verify=True: merged model vs base+adapter on a probe conversation
+    merged_tensors: int = 0  # tensors the adapter (or the NF4 round trip) changed
+    copied_tensors: int = 0  # tensors written unchanged (byte-identical when the dtype is the stored one)
+    tied_head: bool = True  # False when the adapter trained the LM head and the embedding apart: both are written
+    # verify: the largest share of an update ΔW lost to the output dtype's rounding, and the tensor it is in
+    update_rounding: float | None = None
+    update_rounding_tensor: str | None = None
 
 
 def render_model_card(
@@ -123,7 +124,8 @@ def render_model_card(
         front += ["datasets:"] + [f"- {d}" for d in datasets]
     front.append("---")
     targets = adapter_config.get("target_modules") or []
-    short_targets = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    short_targets = sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) else [targets]
+    scale = "alpha/√r (rsLoRA)" if adapter_config.get("use_rslora") else "alpha/r"
     body = [
         "",
         f"# {base.rstrip('/').rsplit('/', 1)[-1]} fine-tuned on Persian conversations",
@@ -135,8 +137,12 @@ def render_model_card(
         "",
         f"- LoRA r={adapter_config.get('r')}, alpha={adapter_config.get('lora_alpha')}, "
         f"dropout={adapter_config.get('lora_dropout')}, targets {', '.join(short_targets)} (language layers only)",
-        f"- merge base: `{merge_base}` ({_MERGE_BASE_WORDS[merge_base]}), merged in fp32 as W = W0 + (B A)·alpha/r",
+        f"- merge base: `{merge_base}` ({_MERGE_BASE_WORDS[merge_base]}), merged in fp32 as W = W0 + (B A)·{scale}",
     ]
+    if adapter_config.get("trainable_token_indices"):
+        body.append(f"- trained token rows: {adapter_config['trainable_token_indices']}")
+    if adapter_config.get("modules_to_save"):
+        body.append(f"- trained whole: {', '.join(adapter_config['modules_to_save'])}")
     if datasets:
         body.append(f"- data: {', '.join(datasets)}")
     if metrics:
@@ -163,83 +169,251 @@ def merge_to_fp16(
     adapter: str | Path,
     output_dir: str | Path,
     *,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype = torch.bfloat16,
     merge_base: MergeBase = "original",
     quant_dtype: torch.dtype | None = None,
     max_shard_size: str | int = "2GB",
     overwrite: bool = False,
-    verify: bool = False,
+    verify: bool | Literal["tensors"] = False,
     allow_pickle: bool = False,
     datasets: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
     gguf_file: str | None = None,
-    **load_kwargs: Any,
+    **hub_kwargs: Any,
 ) -> MergeResult:
-    """Merge ``adapter`` into ``base`` and write a standalone ``dtype`` model to ``output_dir``.
+    """Merge ``adapter`` into the checkpoint ``base`` (a directory or hub id) and write the whole checkpoint,
+    adapter folded in, to ``output_dir`` in ``dtype`` (bf16 by default; fp16 or fp32 on request).
 
-    Writes safetensors shards (``max_shard_size``, default 2 GB), the tokenizer (the adapter's if it was saved with
-    one), the generation config and a model card. The directory appears only when complete; an existing one is
-    refused unless ``overwrite=True``.
+    Streams tensor by tensor, so memory stays near the size of the largest weight (see docs/merging.md). Writes
+    safetensors shards of at most ``max_shard_size`` (default 2 GB) with their index, the base's config (its dtype
+    set to ``dtype``), tokenizer files (the adapter's when training saved them), chat template, generation and
+    processor configs, and a model card. The directory appears only when complete; an existing one is refused
+    unless ``overwrite=True``. Base weights must be safetensors; the adapter too, unless ``allow_pickle=True``.
 
-    ``quant_dtype`` (``merge_base="nf4"``) is the dtype the base was loaded in for 4-bit quantisation during
-    training, since NF4 of a bf16 tensor and of its fp32 copy differ; by default the one :func:`build_qlora_model`
-    picks on this machine (:func:`~persian_qlora.modeling.resolve_dtype`: bf16 on a GPU that has it, else fp32).
-    Pass it when merging on another kind of machine than the one that trained.
+    ``merge_base="nf4"`` re-makes the NF4 weights the adapter was trained against from the adapter's
+    ``base_loading.json``; ``quant_dtype`` only confirms the dtype the base was quantised from (a contradiction is
+    refused), or, for an adapter saved without the record, states it (persian-qlora's default NF4 settings are then
+    assumed). ``dtype=torch.float16`` is refused when an fp16 forward of the merged model on a probe conversation
+    is not finite (Gemma's activations overflow fp16).
 
-    ``verify=True`` reloads the result and reports the largest absolute logit difference against base+adapter on a
-    probe conversation. Weights and the adapter are read from safetensors only, unless ``allow_pickle=True``.
-    ``gguf_file`` takes a GGUF base as the builders do: its cached bf16 conversion
-    (:func:`~persian_qlora.bases.gguf_base`) is the base.
+    ``verify=True`` re-reads every written tensor and compares it bit for bit with its source or its recomputed
+    merge (reporting how much of each update the output dtype's rounding lost), then runs a probe conversation
+    through base+adapter and through the merged model, one after the other, and reports the largest logit
+    difference. The probe holds one fp32 copy of the model; ``verify="tensors"`` runs the per-tensor check alone,
+    in the merge's own memory (see docs/merging.md).
+    ``gguf_file`` takes a GGUF base as the builders do (its cached bf16 conversion is the base). ``hub_kwargs``
+    (``revision``, ``token``, ``cache_dir``...) go to ``huggingface_hub.snapshot_download`` for a hub id.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from persian_qlora.modeling import load_adapter, resolve_dtype
+    from transformers import AutoConfig
+    from transformers.utils.hub import convert_file_size_to_int
 
     if merge_base not in ("original", "nf4"):
         raise ValueError(f"merge_base must be 'original' or 'nf4', got {merge_base!r}")
-    if gguf_file is not None:
-        from persian_qlora.bases import gguf_base
-
-        base = gguf_base(base, gguf_file)
-    base, adapter, output_dir = str(base), Path(adapter), Path(output_dir)
+    if verify not in (False, True, "tensors"):
+        raise ValueError(f"verify must be False, True or 'tensors', got {verify!r}")
+    if dtype not in _OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise PersianQLoRAError(f"{output_dir} already exists; choose another directory or pass overwrite=True")
-    load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: either format
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").exists() else base)
+    base_dir = _local_checkpoint(base, gguf_file, hub_kwargs)
+    lora = read_adapter(adapter, allow_pickle=allow_pickle)
+    config = AutoConfig.from_pretrained(base_dir)
+    family = family_of(config)
+    record = read_provenance(adapter)
+    text_only = trained_text_only(family, record, lora)
+    nf4 = nf4_settings(merge_base, quant_dtype, record, family, lora.directory)
+    trained = TrainedModel(family, config, text_only)
+    stored = read_checkpoint(base_dir)
+    outputs, tied_head = plan_outputs(stored, lora, trained, nf4, dtype)
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load_kwargs)
-    if merge_base == "nf4":
-        count = _dequantize_nf4_into(model, base, resolve_dtype(quant_dtype), load_kwargs)
-        logger.info("replaced %d linear weights with their NF4 round trip", count)
-    model = load_adapter(model, adapter, allow_pickle=allow_pickle)
-    reference = _probe_logits(model, tokenizer) if verify else None
-    model = model.merge_and_unload()
-    _check_finite(model, "after merging in fp32")
-    model = model.to(dtype)
-    _check_finite(model, f"after casting to {dtype}")
-    model.config.use_cache = True
-
+    shards = plan_shards(
+        [PlannedTensor(o.name, o.dtype, o.source.shape) for o in outputs], convert_file_size_to_int(max_shard_size)
+    )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_free_space(model, output_dir.parent)
+    side_files = _side_files(base_dir, lora.directory)
+    _check_free_space(planned_bytes(shards) + sum(p.stat().st_size for p in side_files.values()), output_dir.parent)
+    result = MergeResult(output_dir=output_dir, merge_base=merge_base, dtype=dtype, max_abs_logit_diff=None)
     with staged_directory(output_dir) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(staging)
+        writer = ShardWriter(staging, shards)
+        try:
+            for output in outputs:
+                write_output(output, writer)
+            writer.close()
+        finally:
+            writer.abort()
+        result.merged_tensors = sum(o.changed for o in outputs)
+        result.copied_tensors = len(outputs) - result.merged_tensors
+        result.tied_head = tied_head
+        for name, path in side_files.items():
+            shutil.copyfile(path, staging / name)
+        _write_config(base_dir / "config.json", staging / "config.json", dtype, untie=not tied_head)
         card = render_model_card(
-            base=base,
-            adapter_config=adapter_config,
+            base=str(base),
+            adapter_config=lora.config,
             merge_base=merge_base,
             dtype=dtype,
             datasets=datasets,
             metrics=metrics,
         )
         (staging / "README.md").write_text(card, encoding="utf-8")  # inside staging: atomic with the rest
-        max_diff = None
-        if reference is not None:
-            reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)
-            max_diff = float((_probe_logits(reloaded, tokenizer) - reference).abs().max())
-            logger.info("merged vs base+adapter: max |logit difference| = %.3g", max_diff)
-    return MergeResult(output_dir=output_dir, merge_base=merge_base, dtype=dtype, max_abs_logit_diff=max_diff)
+        if dtype == torch.float16:
+            _refuse_fp16_overflow(staging, family, text_only)
+        if verify:
+            result.update_rounding, result.update_rounding_tensor = check_written(outputs, staging)
+        if verify is True:
+            reference = _reference_logits(base_dir, lora.directory, family, text_only, nf4, allow_pickle, staging)
+            merged = _probe_logits(_load_merged(staging, family, text_only, torch.float32), staging)
+            result.max_abs_logit_diff = float((merged - reference).abs().max())
+            logger.info("merged vs base+adapter: max |logit difference| = %.3g", result.max_abs_logit_diff)
+    logger.info(
+        "merged %d tensors and copied %d into %s (%s)", result.merged_tensors, result.copied_tensors, output_dir, dtype
+    )
+    return result
+
+
+def _local_checkpoint(base: str | Path, gguf_file: str | None, hub_kwargs: dict[str, Any]) -> Path:
+    """The base's local directory: as given, the cached conversion of a GGUF file, or a hub snapshot of the files a
+    merge reads (safetensors weights, configs, tokenizer)."""
+    if gguf_file is not None:
+        from persian_qlora.bases import gguf_base
+
+        return Path(gguf_base(base, gguf_file))
+    if Path(base).is_dir():
+        return Path(base)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(base), allow_patterns=_HUB_PATTERNS, **hub_kwargs))
+
+
+def _side_files(base_dir: Path, adapter_dir: Path) -> dict[str, Path]:
+    """Every non-weight file the output carries, by name: the base's (tokenizer, chat template, generation and
+    processor configs, licence...), with the adapter's tokenizer files instead when training saved them."""
+    files = {
+        p.name: p
+        for p in sorted(base_dir.iterdir())
+        if p.is_file() and not p.name.startswith(".") and not _WEIGHT_FILE.match(p.name) and p.name not in _REWRITTEN
+    }
+    if (adapter_dir / "tokenizer_config.json").exists():
+        for name in _TOKENIZER_FILES:
+            files.pop(name, None)
+            if (adapter_dir / name).exists():
+                files[name] = adapter_dir / name
+    return files
+
+
+def _write_config(source: Path, target: Path, dtype: torch.dtype, *, untie: bool) -> None:
+    """The base's config.json, with its dtype entries set to the output's and, when the head was trained apart from
+    the embedding, ``tie_word_embeddings`` false; copied byte for byte when nothing changes."""
+    config = json.loads(source.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+
+    def update(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("dtype", "torch_dtype") and isinstance(value, str):
+                    node[key] = name
+                elif key == "tie_word_embeddings" and untie:
+                    node[key] = False
+                else:
+                    update(value)
+
+    changed = json.loads(json.dumps(config))
+    update(changed)
+    if changed == config:
+        shutil.copyfile(source, target)
+    else:
+        target.write_text(json.dumps(changed, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_free_space(needed: int, directory: Path) -> None:
+    """Refuse to start writing shards that cannot fit: a full disk mid-save is the worst way to find out."""
+    needed += 16 * 2**20  # the model card, and room for the file system's own bookkeeping
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise PersianQLoRAError(
+            f"not enough disk space in {directory}: the merged model needs about {needed / 2**30:.2f} GiB and "
+            f"{free / 2**30:.2f} GiB are free; free some space or choose another output directory"
+        )
+
+
+def _load_merged(directory: Path, family: GemmaFamily, text_only: bool, dtype: torch.dtype) -> nn.Module:
+    """The merged checkpoint as transformers loads it, in ``dtype``, built as the adapter was trained (its language
+    model alone, renamed as :func:`~persian_qlora.loading.load_base` renames it). Not load_base itself: that refuses
+    fp16, which is exactly what the fp16 probe must run."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    built = family
+    if text_only and family.multimodal:
+        built = family.text()
+        kwargs.update(config=config.get_text_config(), key_mapping=dict(family.text_weight_names))
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    level = transformers_logger.level
+    transformers_logger.setLevel(logging.ERROR)  # a text-only load reports every tower tensor as unexpected
+    try:
+        return built.model_class().from_pretrained(directory, dtype=dtype, **kwargs).eval()
+    finally:
+        transformers_logger.setLevel(level)
+
+
+def _probe_logits(model: nn.Module, tokenizer_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer.apply_chat_template(_PROBE, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids.to(model.device)).logits.float().cpu()
+    del model
+    return logits
+
+
+def _refuse_fp16_overflow(directory: Path, family: GemmaFamily, text_only: bool) -> None:
+    logits = _probe_logits(_load_merged(directory, family, text_only, torch.float16), directory)
+    if not torch.isfinite(logits).all():
+        raise PersianQLoRAError(
+            "the merged model's fp16 forward on a probe conversation gives inf/NaN logits: Gemma's activations "
+            "overflow fp16. Merge into bf16 (dtype=torch.bfloat16, the default) or fp32"
+        )
+
+
+def _reference_logits(
+    base_dir: Path,
+    adapter_dir: Path,
+    family: GemmaFamily,
+    text_only: bool,
+    nf4: NF4Settings | None,
+    allow_pickle: bool,
+    tokenizer_dir: Path,
+) -> torch.Tensor:
+    """Probe logits of base + adapter, unmerged, in fp32: with ``nf4``, the 4-bit base made as in training (the
+    trained QLoRA model); else the stored base."""
+    from transformers import BitsAndBytesConfig
+
+    from persian_qlora.loading import load_base
+    from persian_qlora.modeling import _disable_cpu_weight_repacking, load_adapter
+
+    quantization = None
+    if nf4 is not None:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=nf4.quant_type,
+            bnb_4bit_use_double_quant=nf4.double_quant,
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=nf4.quant_storage,
+            llm_int8_skip_modules=list(nf4.skip_modules),
+        )
+    model, _ = load_base(
+        base_dir,
+        text_only=text_only and family.multimodal,
+        dtype=nf4.load_dtype if nf4 is not None else torch.float32,
+        quantization_config=quantization,
+        per_layer_embeddings_on_host=False,
+    )
+    if nf4 is not None:
+        _disable_cpu_weight_repacking(model)
+    return _probe_logits(load_adapter(model, adapter_dir, allow_pickle=allow_pickle), tokenizer_dir)
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, token: str | None = None) -> str:

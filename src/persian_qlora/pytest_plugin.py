@@ -12,6 +12,17 @@ import pytest
 
 from persian_qlora.testing import build_hub_checkpoint, build_tiny_gemma, build_tiny_tokenizer
 
+# Every tiny layout a family-aware feature should be tested on, as (fixture name, text_only): text-only Gemma 3 and
+# 3n, and both multimodal hub layouts loaded as their language model alone (True) or whole (False).
+TINY_LAYOUTS = [
+    ("tiny_gemma3_path", True),
+    ("tiny_gemma3n_path", True),
+    ("tiny_gemma3_vision_hub_path", True),
+    ("tiny_gemma3_vision_hub_path", False),
+    ("tiny_gemma3n_multimodal_hub_path", True),
+    ("tiny_gemma3n_multimodal_hub_path", False),
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

@@ -64,14 +64,14 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         )
         for merged in run.get("merged", []):
             lines.append(
-                f"| {_LABELS.get(run['method'], run['method'])}, merged fp16 ({merged['merge_base']} base) | "
+                f"| {_LABELS.get(run['method'], run['method'])}, merged bf16 ({merged['merge_base']} base) | "
                 f"| {merged['bleu']:.2f} | | {merged['rouge_l']:.2f} | | {merged['chrf']:.2f} | | | |"
             )
     return lines
 
 
 def merge_table_lines(report: dict[str, Any]) -> list[str]:
-    """The merge-base table (markdown): each merged run's adapter as trained against its merged fp16 models.
+    """The merge-base table (markdown): each merged run's adapter as trained against its merged bf16 models.
 
     Empty when nothing was merged. Perplexity is over the model-turn tokens of the test conversations.
     """
@@ -79,7 +79,7 @@ def merge_table_lines(report: dict[str, Any]) -> list[str]:
     for run in report["runs"]:
         label = _LABELS.get(run["method"], run["method"])
         rows = [(f"{label} + adapter, as trained", run["after"])]
-        rows += [(f"merged fp16, {m['merge_base']} base", m) for m in run.get("merged", [])]
+        rows += [(f"merged bf16, {m['merge_base']} base", m) for m in run.get("merged", [])]
         if len(rows) > 1:
             lines += [
                 f"| {row} | {s['bleu']:.2f} | {s['rouge_l']:.2f} | {s['chrf']:.2f} | "
@@ -189,7 +189,7 @@ def _merge_section(report: dict[str, Any]) -> list[str]:
         *table,
         "",
         "The adapter as trained runs on the base it was trained on (4-bit for QLoRA); each merged model is "
-        "W0 + (B A)·alpha/r saved in fp16, with W0 the original 16-bit weights or their NF4 round trip. "
+        "W0 + (B A)·alpha/r saved in bf16, with W0 the original 16-bit weights or their NF4 round trip. "
         "Perplexity: over every model-turn token of the evaluated test conversations.",
         "",
     ]
