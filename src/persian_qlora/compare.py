@@ -125,16 +125,18 @@ def demo_config(
 
 
 def _scores(result, references, normalize) -> dict[str, Any]:
+    from persian_qlora.behaviour import behaviour_scores
     from persian_qlora.metrics import corpus_scores
 
-    scores = corpus_scores(result.texts, references, normalize=normalize).as_dict()
     return {
-        **scores,
+        **corpus_scores(result.texts, references, normalize=normalize).as_dict(),
+        **behaviour_scores(result.texts, references, result.ended_turn, normalize=normalize).as_dict(),
         "seconds": result.seconds,
         "new_tokens": sum(result.new_tokens),
         "tokens_per_second": result.tokens_per_second,
         "memory": result.memory,
         "texts": result.texts,
+        "ended_turn": result.ended_turn,
     }
 
 
