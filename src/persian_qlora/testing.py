@@ -224,6 +224,8 @@ def build_tiny_persian_lm(
     batch_size: int = 16,
     learning_rate: float = 3e-3,
     roles: tuple[str, ...] = ("system", "user"),
+    data: str | Path | None = None,
+    dims: dict[str, Any] | None = None,
 ) -> Path:
     """A tiny Gemma 3 pretrained on plain Persian text from the bundled *train* split, for the offline demo.
 
@@ -238,11 +240,12 @@ def build_tiny_persian_lm(
 
     from persian_qlora.dataset import bundled_corpus_path
 
-    path = build_tiny_gemma(save_dir, "gemma3", seed=seed, **DEMO_DIMS)
+    path = build_tiny_gemma(save_dir, "gemma3", seed=seed, **(DEMO_DIMS if dims is None else dims))
     tokenizer = AutoTokenizer.from_pretrained(path)
+    source = Path(data) if data is not None else bundled_corpus_path("train")
     texts = [
         m["content"]
-        for line in bundled_corpus_path("train").read_text(encoding="utf-8").splitlines()
+        for line in source.read_text(encoding="utf-8").splitlines()
         for m in json.loads(line)["messages"]
         if m["role"] in roles
     ]
