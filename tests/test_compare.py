@@ -72,7 +72,8 @@ def test_report_markdown_has_the_table_signature_and_rtl_samples(report_dir):
     assert "| QLoRA (NF4 base) |" in text and "| LoRA (16-bit base) |" in text and "merged fp16" in text
     assert "tok:intl" in text and "transformers 5." in text
     assert '<div dir="rtl">' in text and "![loss.png](loss.png)" in text
-    assert "## Behaviour" in text and "| QLoRA (NF4 base), merged (nf4 base) |" in text and "| *references* |" in text
+    assert "## Behaviour" in text and "| QLoRA (NF4 base), merged fp16 (nf4 base) |" in text
+    assert "| *references* |" in text
     assert "- **QLoRA (NF4 base):" in text and "- **LoRA (16-bit base), " not in text  # LoRA was not merged
 
 

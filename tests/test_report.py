@@ -72,7 +72,8 @@ def test_a_collapsed_run_is_degenerate_and_a_learning_run_improved():
 def test_report_markdown_has_the_behaviour_table_and_the_verdicts(tmp_path):
     write_report(collapsed_and_learned(), tmp_path)
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
-    assert "## Behaviour" in text and "| QLoRA (NF4 base), merged (original base) | 0% | 96% | 0.03 | 100% |" in text
+    assert "## Behaviour" in text
+    assert "| QLoRA (NF4 base), merged fp16 (original base) | 0% | 96% | 0.03 | 100% |" in text
     assert "| LoRA (16-bit base), after | 100% | 0% |" in text and "| *references* | – | 0% |" in text
     assert "QLoRA (NF4 base): improved" not in text and "QLoRA (NF4 base): degenerate" in text
     assert "[token limit]" in text  # the looping samples never ended their turn
@@ -85,7 +86,7 @@ def test_behaviour_table_has_one_row_per_evaluated_model_and_the_references():
     assert [row.split(" | ")[0] for row in rows] == [
         "| QLoRA (NF4 base), before",
         "| QLoRA (NF4 base), after",
-        "| QLoRA (NF4 base), merged (original base)",
+        "| QLoRA (NF4 base), merged fp16 (original base)",
         "| LoRA (16-bit base), before",
         "| LoRA (16-bit base), after",
         "| *references*",

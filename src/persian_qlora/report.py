@@ -92,7 +92,7 @@ def merge_table_lines(report: dict[str, Any]) -> list[str]:
 def _evaluations(run: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """Every evaluated model of a run, in order: (stage, short label, scores) for before, after and each merge."""
     stages = [("before", "before", run["before"]), ("after", "after", run["after"])]
-    return stages + [("merged", f"merged ({m['merge_base']} base)", m) for m in run.get("merged", [])]
+    return stages + [("merged", f"merged fp16 ({m['merge_base']} base)", m) for m in run.get("merged", [])]
 
 
 def verdict_lines(report: dict[str, Any]) -> list[str]:
@@ -105,11 +105,18 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         label = _LABELS.get(run["method"], run["method"])
         for stage, name, scores in _evaluations(run)[1:]:
             judged = verdict(run["before"], scores)
-            what = label if stage == "after" else f"{label}, {name.replace('merged', 'merged fp16')}"
+            what = label if stage == "after" else f"{label}, {name}"
             lines.append(f"- **{what}: {judged.label}.** {judged.summary[0].upper()}{judged.summary[1:]}.")
+        figures = []
         log = run["train"].get("log", [])
         if len(log) >= 2:
-            lines.append(f"- {label}: training loss {log[0]['loss']:.3f} → {log[-1]['loss']:.3f}.")
+            figures.append(f"training loss {log[0]['loss']:.3f} → {log[-1]['loss']:.3f}")
+        if run["after"].get("perplexity") is not None:
+            figures.append(
+                f"test perplexity (model turns) {run['before']['perplexity']:.2f} → {run['after']['perplexity']:.2f}"
+            )
+        if figures:
+            lines.append(f"- {label}: {'; '.join(figures)}.")
     return lines
 
 
