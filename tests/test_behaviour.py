@@ -157,6 +157,16 @@ def test_gains_and_losses_together_are_mixed():
     assert verdict(HEALTHY, {**HEALTHY, "chrf": 9.0}).label == "worse"
 
 
+def test_distinct_2_moves_count_only_between_replies_of_similar_length():
+    shorter = {**HEALTHY, "mean_words": 15.0, "distinct_2": 0.76}
+    longer = {**HEALTHY, "mean_words": 43.0, "distinct_2": 0.57, "chrf": 20.0}
+    assert verdict(shorter, longer).label == "improved"  # longer replies repeat common bigrams more
+    same_length = {**longer, "mean_words": 15.0}
+    result = verdict(shorter, same_length)
+    assert result.label == "mixed" and "distinct-2 0.76 → 0.57" in result.summary
+    assert problems({**longer, "distinct_2": 0.1}) == {"low_diversity": "lexical diversity collapses (distinct-2 0.10)"}
+
+
 def test_a_problem_the_base_already_had_is_named_but_is_no_degeneration():
     before = {**HEALTHY, "turn_end_rate": 0.0, "perplexity": 30.0}
     after = {**before, "chrf": 16.0, "perplexity": 20.0}

@@ -144,6 +144,9 @@ MOVES = {
 }
 PERPLEXITY_MOVE = 0.02  # relative
 LENGTH_MOVE = 0.2  # of the references' mean length, in how far the replies' mean is from it
+# Pooled distinct-2 falls as replies grow longer (common bigrams recur), so a move counts only between replies
+# whose mean lengths are within this factor; below LOW_DIVERSITY it is a problem at any length.
+DISTINCT_LENGTH_RATIO = 1.5
 _NAMES = {
     "bleu": "BLEU-4",
     "rouge_l": "ROUGE-L",
@@ -154,6 +157,7 @@ _NAMES = {
     "persian_letters": "Persian letters",
 }
 _LOWER_IS_BETTER = {"repetition"}
+_SHARES = {"turn_end_rate", "repetition", "persian_letters"}
 _OVERLAP = ("bleu", "rouge_l", "chrf")
 
 
@@ -189,11 +193,15 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[dict[
     """The moves worth a word, as phrases by metric: (gains, losses)."""
     gains: dict[str, str] = {}
     losses: dict[str, str] = {}
+    words_before, words_after = _get(before, "mean_words"), _get(after, "mean_words")
+    comparable_lengths = bool(words_before and words_after) and (
+        max(words_before, words_after) <= DISTINCT_LENGTH_RATIO * min(words_before, words_after)
+    )
     for key, step in MOVES.items():
         old, new = _get(before, key), _get(after, key)
-        if old is None or new is None or abs(new - old) < step:
+        if old is None or new is None or abs(new - old) < step or (key == "distinct_2" and not comparable_lengths):
             continue
-        share = key not in _OVERLAP
+        share = key in _SHARES
         phrase = f"{_NAMES[key]} {old:.0%} → {new:.0%}" if share else f"{_NAMES[key]} {old:.2f} → {new:.2f}"
         better = new < old if key in _LOWER_IS_BETTER else new > old
         (gains if better else losses)[key] = phrase
@@ -227,8 +235,9 @@ def verdict(before: Mapping[str, Any], after: Mapping[str, Any]) -> Verdict:
        ``MOVES["repetition"]``. Gains in BLEU, ROUGE-L, chrF or perplexity do not outweigh this: repeating
        frequent words earns some overlap, and perplexity scores the references, not what the model generates.
     2. otherwise each metric that moved by at least its step in ``MOVES`` (perplexity: ``PERPLEXITY_MOVE``
-       relative; length: towards or away from the references' mean by ``LENGTH_MOVE`` of it) is a gain or a loss:
-       **improved** with gains only, **worse** with losses only, **mixed** with both, **no change** with neither.
+       relative; length: towards or away from the references' mean by ``LENGTH_MOVE`` of it; distinct-2 only
+       between replies of similar length, see ``DISTINCT_LENGTH_RATIO``) is a gain or a loss: **improved** with
+       gains only, **worse** with losses only, **mixed** with both, **no change** with neither.
 
     Problems the replies had before and still have are named in the summary ("still: …").
     """
