@@ -307,37 +307,21 @@ def _charts(report: dict[str, Any], output_dir: Path) -> list[str]:
     return [*names, "metrics.png", "resources.png"]
 
 
-def _merge_section(report: dict[str, Any]) -> list[str]:
-    table = merge_table_lines(report)
-    if not table:
-        return []
-    return [
-        "## Merge bases",
-        "",
-        *table,
-        "",
-        "The adapter as trained runs on the base it was trained on (4-bit for QLoRA); each merged model is "
-        "W0 + (B A)·alpha/r saved in fp16, with W0 the original 16-bit weights or their NF4 round trip. "
-        "Perplexity: over every model-turn token of the evaluated test conversations.",
-        "",
-    ]
+_MERGE_NOTE = (
+    "The adapter as trained runs on the base it was trained on (4-bit for QLoRA); each merged model is "
+    "W0 + (B A)·alpha/r saved in fp16, with W0 the original 16-bit weights or their NF4 round trip. "
+    "Perplexity: over every model-turn token of the evaluated test conversations."
+)
+_BEHAVIOUR_NOTE = (
+    "Turn-end rate: replies that ended with `<end_of_turn>` or `<eos>` before the token limit. Repetition: the "
+    "share of a reply's word 4-grams that repeat an earlier one, averaged over replies. Distinct-2: distinct "
+    "word bigrams over all bigrams of all replies. Persian letters: among all letters of all replies. Words as "
+    "ROUGE-L counts them, after normalisation. The references row is the yardstick."
+)
 
 
-def _behaviour_section(report: dict[str, Any]) -> list[str]:
-    table = behaviour_table_lines(report)
-    if not table:
-        return []
-    return [
-        "## Behaviour",
-        "",
-        *table,
-        "",
-        "Turn-end rate: replies that ended with `<end_of_turn>` or `<eos>` before the token limit. Repetition: the "
-        "share of a reply's word 4-grams that repeat an earlier one, averaged over replies. Distinct-2: distinct "
-        "word bigrams over all bigrams of all replies. Persian letters: among all letters of all replies. Words as "
-        "ROUGE-L counts them, after normalisation. The references row is the yardstick.",
-        "",
-    ]
+def _section(title: str, table: list[str], note: str) -> list[str]:
+    return [f"## {title}", "", *table, "", note, ""] if table else []
 
 
 def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int = 3) -> Path:
@@ -363,8 +347,8 @@ def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int
         f"Scores are 0-100. Memory: {memory_note}, over the training phase of each run (each run in its own "
         'process). "Before" is each run\'s own base as loaded (4-bit for QLoRA, 16-bit for LoRA).',
         "",
-        *_behaviour_section(report),
-        *_merge_section(report),
+        *_section("Behaviour", behaviour_table_lines(report), _BEHAVIOUR_NOTE),
+        *_section("Merge bases", merge_table_lines(report), _MERGE_NOTE),
         "## What changed",
         "",
         *verdict_lines(report),
