@@ -47,6 +47,11 @@ def test_report_files_exist_with_every_field(report_dir):
             scores = run[stage]
             assert {"bleu", "rouge_l", "chrf", "bleu_signature", "tokens_per_second", "memory", "texts"} <= set(scores)
             assert scores["n"] == 4 and len(scores["texts"]) == 4 and "tok:intl" in scores["bleu_signature"]
+            behaviour = ("turn_end_rate", "repetition", "distinct_2", "persian_letters", "mean_words")
+            assert set(behaviour) | {"reference_words", "ended_turn"} <= set(scores)
+            assert scores["turn_end_rate"] == sum(scores["ended_turn"]) / 4 and scores["reference_words"] > 10
+    for merged in report["runs"][0]["merged"]:
+        assert {"turn_end_rate", "repetition", "distinct_2", "persian_letters", "mean_words"} <= set(merged)
         assert run["train"]["global_step"] == 2 and run["train"]["trained_tokens"] > 0
         assert run["train"]["memory"]["cpu_peak_rss_gb"] > 0 and run["load"]["seconds"] > 0
     assert [m["merge_base"] for m in report["runs"][0]["merged"]] == ["original", "nf4"]
@@ -67,6 +72,9 @@ def test_report_markdown_has_the_table_signature_and_rtl_samples(report_dir):
     assert "| QLoRA (NF4 base) |" in text and "| LoRA (16-bit base) |" in text and "merged bf16" in text
     assert "tok:intl" in text and "transformers 5." in text
     assert '<div dir="rtl">' in text and "![loss.png](loss.png)" in text
+    assert "## Behaviour" in text and "| QLoRA (NF4 base), merged bf16 (nf4 base) |" in text
+    assert "| *references* |" in text
+    assert "- **QLoRA (NF4 base):" in text and "- **LoRA (16-bit base), " not in text  # LoRA was not merged
 
 
 def test_the_nf4_merge_reproduces_the_trained_qlora_model_and_the_original_merge_does_not(report_dir):

@@ -62,4 +62,14 @@ def test_generation_stops_at_end_of_turn(model_and_tokenizer, prompts):
     forced = LogitsProcessorList([_ForceAfter(width, 3, end_of_turn)])
     result = generate(model, tokenizer, prompts[:1], max_new_tokens=20, logits_processor=forced)
     assert result.new_tokens == [4]  # three tokens, then <end_of_turn>, then nothing more
+    assert result.ended_turn == [True]
     assert "<end_of_turn>" not in result.texts[0] and "end_of_turn" not in result.texts[0]
+
+
+def test_a_reply_cut_at_the_token_limit_did_not_end_its_turn(model_and_tokenizer, prompts):
+    model, tokenizer = model_and_tokenizer
+    word = tokenizer.convert_tokens_to_ids("<0x41>")  # never a stop token
+    width = len(tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_dict=True)["input_ids"])
+    forced = LogitsProcessorList([_ForceAfter(width, 0, word)])
+    result = generate(model, tokenizer, prompts[:1], max_new_tokens=5, logits_processor=forced)
+    assert result.new_tokens == [5] and result.ended_turn == [False]

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "bases": ["gguf_base", "prepare_base", "prepare_gguf_base"],
+    "behaviour": ["BehaviourScores", "Verdict", "behaviour_scores", "verdict"],
     "chat": ["ChatSession"],
     "collator": ["GemmaChatCollator"],
     "compare": ["CompareConfig", "compare"],
@@ -56,6 +57,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from persian_qlora.bases import gguf_base, prepare_base, prepare_gguf_base
+    from persian_qlora.behaviour import BehaviourScores, Verdict, behaviour_scores, verdict
     from persian_qlora.chat import ChatSession
     from persian_qlora.chat_template import gemma3_chat_template
     from persian_qlora.collator import GemmaChatCollator

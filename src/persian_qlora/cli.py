@@ -122,13 +122,17 @@ def _train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _print_report(report: dict, output_dir: str) -> None:
-    from persian_qlora.report import merge_table_lines, table_lines
+    from persian_qlora.report import behaviour_table_lines, merge_table_lines, table_lines, verdict_lines
 
     print("\n".join(table_lines(report)))
+    print("\nbehaviour of the replies:")
+    print("\n".join(behaviour_table_lines(report)))
     merge_table = merge_table_lines(report)
     if merge_table:
         print("\nmerge bases (the adapter as trained, and merged into bf16):")
         print("\n".join(merge_table))
+    print("\nwhat changed:")
+    print("\n".join(verdict_lines(report)))
     print(
         f"\nreport: {Path(output_dir) / 'report.md'} (and report.json, loss.png, grad_norm.png, metrics.png, "
         "resources.png)"

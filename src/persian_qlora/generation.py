@@ -26,6 +26,7 @@ Conversation = list[dict[str, str]]
 class GenerationResult:
     texts: list[str]  # in the order of the input conversations
     new_tokens: list[int]
+    ended_turn: list[bool]  # whether each reply stopped on <end_of_turn>/<eos> (not on the token limit)
     seconds: float
     memory: dict[str, Any] = field(default_factory=dict)
 
@@ -77,7 +78,8 @@ def generate(
     suppress_untrained: bool = True,
     **generate_kwargs: Any,
 ) -> GenerationResult:
-    """Generate the next model turn of each conversation; return the texts in input order, with timing and memory.
+    """Generate the next model turn of each conversation; return the texts in input order, whether each ended its
+    turn (stopped on ``<end_of_turn>``/``<eos>`` rather than at ``max_new_tokens``), timing and memory.
 
     Greedy by default. Each prompt is rendered with the tokenizer's chat template and ``add_generation_prompt``;
     the reply is decoded without special tokens and stripped. ``suppress_untrained`` never lets the model emit a
@@ -94,6 +96,7 @@ def generate(
     generate_kwargs = _with_suppression(tokenizer, generate_kwargs, suppress_untrained)
     texts: list[str] = [""] * len(encoded)
     counts: list[int] = [0] * len(encoded)
+    ended_turn: list[bool] = [False] * len(encoded)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
@@ -123,11 +126,17 @@ def generate(
                 new = output[row, width:].tolist()
                 ended = next((k for k, t in enumerate(new) if t in stops), None)
                 new = new if ended is None else new[: ended + 1]
-                counts[i] = len(new)
+                counts[i], ended_turn[i] = len(new), ended is not None
                 texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     if was_training:
         model.train()
-    return GenerationResult(texts=texts, new_tokens=counts, seconds=meter.result.seconds, memory=meter.result.memory)
+    return GenerationResult(
+        texts=texts,
+        new_tokens=counts,
+        ended_turn=ended_turn,
+        seconds=meter.result.seconds,
+        memory=meter.result.memory,
+    )
 
 
 def load_for_inference(

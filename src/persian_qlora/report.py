@@ -9,13 +9,13 @@ import platform
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from persian_qlora._files import atomic_write_text
 
-__all__ = ["environment", "merge_table_lines", "table_lines", "write_report"]
+__all__ = ["behaviour_table_lines", "environment", "merge_table_lines", "table_lines", "verdict_lines", "write_report"]
 
 _PACKAGES = ("persian-qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "sacrebleu")
 _LABELS = {"qlora": "QLoRA (NF4 base)", "lora": "LoRA (16-bit base)"}
@@ -89,21 +89,78 @@ def merge_table_lines(report: dict[str, Any]) -> list[str]:
     return ["| model | BLEU-4 | ROUGE-L | chrF | perplexity |", "|---|---|---|---|---|", *lines] if lines else []
 
 
-def _verdicts(report: dict[str, Any]) -> list[str]:
+def _evaluations(run: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every evaluated model of a run, in order: (stage, short label, scores) for before, after and each merge."""
+    stages = [("before", "before", run["before"]), ("after", "after", run["after"])]
+    return stages + [("merged", f"merged bf16 ({m['merge_base']} base)", m) for m in run.get("merged", [])]
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """One verdict per run and per merged model against the run's base as loaded (see ``behaviour.verdict``),
+    and the training loss."""
+    from persian_qlora.behaviour import verdict
+
     lines = []
     for run in report["runs"]:
         label = _LABELS.get(run["method"], run["method"])
-        for metric, name in (("bleu", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")):
-            before, after = run["before"][metric], run["after"][metric]
-            word = "improved" if after > before else "did not improve" if after == before else "got worse"
-            lines.append(f"- {label}: {name} {word}, {before:.2f} → {after:.2f}.")
-        if "perplexity" in run["after"]:
-            before, after = run["before"]["perplexity"], run["after"]["perplexity"]
-            lines.append(f"- {label}: test perplexity (model turns) {before:.2f} → {after:.2f}.")
+        for stage, name, scores in _evaluations(run)[1:]:
+            judged = verdict(run["before"], scores)
+            what = label if stage == "after" else f"{label}, {name}"
+            lines.append(f"- **{what}: {judged.label}.** {judged.summary[0].upper()}{judged.summary[1:]}.")
+        figures = []
         log = run["train"].get("log", [])
         if len(log) >= 2:
-            lines.append(f"- {label}: training loss {log[0]['loss']:.3f} → {log[-1]['loss']:.3f}.")
+            figures.append(f"training loss {log[0]['loss']:.3f} → {log[-1]['loss']:.3f}")
+        if run["after"].get("perplexity") is not None:
+            figures.append(
+                f"test perplexity (model turns) {run['before']['perplexity']:.2f} → {run['after']['perplexity']:.2f}"
+            )
+        if figures:
+            lines.append(f"- {label}: {'; '.join(figures)}.")
     return lines
+
+
+def _reference_behaviour(report: dict[str, Any]) -> dict[str, Any]:
+    from persian_qlora.behaviour import behaviour_scores
+    from persian_qlora.normalize import DEFAULT_NORMALIZER
+
+    references = report["runs"][0]["references"]
+    normalize = DEFAULT_NORMALIZER if report["runs"][0]["before"].get("normalized", True) else None
+    return behaviour_scores(references, references, normalize=normalize).as_dict()
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _behaviour_row(name: str, scores: dict[str, Any]) -> str:
+    distinct = "–" if scores.get("distinct_2") is None else f"{scores['distinct_2']:.2f}"
+    return (
+        f"| {name} | {_share(scores.get('turn_end_rate'))} | {_share(scores.get('repetition'))} | {distinct} "
+        f"| {_share(scores.get('persian_letters'))} | {scores.get('mean_words', 0):.1f} |"
+    )
+
+
+def behaviour_table_lines(report: dict[str, Any]) -> list[str]:
+    """The behaviour table (markdown): one row per evaluated model, and the references as a yardstick."""
+    if not report["runs"]:
+        return []
+    rows = [
+        _behaviour_row(f"{_LABELS.get(run['method'], run['method'])}, {name}", scores)
+        for run in report["runs"]
+        for _, name, scores in _evaluations(run)
+    ]
+    return [
+        "| model | turn-end rate | repetition (4-grams) | distinct-2 | Persian letters | words per reply |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        _behaviour_row("*references*", _reference_behaviour(report)),
+    ]
+
+
+def _sample_text(scores: dict[str, Any], i: int) -> str:
+    ended = scores.get("ended_turn")
+    return scores["texts"][i] + (" [token limit]" if ended is not None and not ended[i] else "")
 
 
 def _samples(report: dict[str, Any], count: int) -> list[str]:
@@ -118,10 +175,83 @@ def _samples(report: dict[str, Any], count: int) -> list[str]:
     for i in range(min(count, len(runs[0]["references"]))):
         cells = [runs[0]["prompts"][i][-1]["content"], runs[0]["references"][i]]
         for run in runs:
-            cells += [run["before"]["texts"][i], run["after"]["texts"][i]]
+            cells += [_sample_text(run["before"], i), _sample_text(run["after"], i)]
         cells_html = (html.escape(c).replace("\n", "<br>") for c in cells)
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells_html) + "</tr>")
-    return [*out, "</table>", "", "</div>"]
+    note = "[token limit]: the reply reached the token limit without ending its turn."
+    return [*out, "</table>", "", "</div>", "", note]
+
+
+# The metric chart's panels: (key, title, scale, axis limit). Shares are shown in per cent on a 0-100 axis.
+_METRIC_PANELS = (
+    ("bleu", "BLEU-4 (higher is better)", 1, None),
+    ("rouge_l", "ROUGE-L (higher is better)", 1, None),
+    ("chrf", "chrF (higher is better)", 1, None),
+    ("perplexity", "perplexity, model turns (lower is better)", 1, None),
+    ("turn_end_rate", "turn-end rate, % (higher is better)", 100, 100),
+    ("repetition", "repeated 4-grams, % (lower is better)", 100, 100),
+    ("distinct_2", "distinct-2 (higher is better)", 1, 1),
+    ("persian_letters", "Persian letters, %", 100, 100),
+    ("mean_words", "words per reply", 1, None),
+)
+_STAGE_COLORS = {"before": "#9e9e9e", "after": "#2a7ab9", "merged": "#e08a1e"}
+_RUN_COLORS = ("#2a7ab9", "#e08a1e", "#5aa02c", "#8c564b")
+
+
+class _Panel(NamedTuple):
+    title: str
+    values: list[float | None]  # one per bar; None: not measured
+    reference: float | None = None  # drawn as a dashed line
+    limit: float | None = None  # the axis' natural end (100 for a share in per cent)
+
+
+def _bar_panels(rows: list[tuple[str, str]], panels: list[_Panel], path: Path, *, columns: int = 3) -> None:
+    """Horizontal bar panels sharing one label per bar (``rows``: label, colour), written to ``path``.
+
+    Bars run sideways so that each label has a line of its own: labels cannot collide however many runs and
+    merges there are, and the figure grows with the rows.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid_rows = -(-len(panels) // columns)
+    height = 1.0 + 0.28 * len(rows)  # per panel row: room for a two-line title and one label line per bar
+    fig, axes = plt.subplots(
+        grid_rows, columns, figsize=(4.2 * columns + 1.8, height * grid_rows), dpi=100, sharey=True, squeeze=False
+    )
+    positions = list(range(len(rows)))
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        shown = [v if v is not None else 0.0 for v in panel.values]
+        bars = ax.barh(positions, shown, color=[color for _, color in rows], height=0.7)
+        for bar, value in zip(bars, panel.values, strict=True):
+            text = "–" if value is None else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+            ax.annotate(
+                text,
+                (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
+        title = panel.title
+        if panel.reference is not None:  # named in the title: a legend could cover a value label
+            ax.axvline(panel.reference, color="#444444", linestyle="--", linewidth=1)
+            title += "\ndashed: the references"
+        ax.set_title(title, fontsize=9)
+        end = panel.limit or max([*shown, panel.reference or 0.0]) or 1.0
+        ax.set_xlim(0, end * 1.2)  # from zero, with room for the value labels
+        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    axes[0, 0].set_yticks(positions, [label for label, _ in rows])
+    axes[0, 0].invert_yaxis()  # first row on top
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _charts(report: dict[str, Any], output_dir: Path) -> list[str]:
@@ -145,54 +275,53 @@ def _charts(report: dict[str, Any], output_dir: Path) -> list[str]:
         fig.savefig(output_dir / f"{key}.png")
         plt.close(fig)
         names.append(f"{key}.png")
+    if not runs:
+        return names
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), dpi=100)
-    for ax, (metric, title) in zip(axes, (("bleu", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")), strict=True):
-        labels, values, colors = [], [], []
-        for run in runs:
-            stages = [("before", run["before"], "#999999"), ("after", run["after"], "#2a7ab9")]
-            stages += [(f"merged {m['merge_base']}", m, "#e08a1e") for m in run.get("merged", [])]
-            for stage, scores, color in stages:
-                labels.append(f"{run['method']}\n{stage}")
-                values.append(scores[metric])
-                colors.append(color)
-        ax.bar(labels, values, color=colors)
-        ax.set_title(title)
-        ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(output_dir / "metrics.png")
-    plt.close(fig)
+    evaluations = [
+        (f"{_LABELS.get(run['method'], run['method'])}, {name}", stage, scores)
+        for run in runs
+        for stage, name, scores in _evaluations(run)
+    ]
+    references = _reference_behaviour(report)
+    panels = []
+    for key, title, scale, limit in _METRIC_PANELS:
+        values = [scores.get(key) for _, _, scores in evaluations]
+        if all(v is None for v in values):
+            continue  # e.g. perplexity when it was not asked for
+        reference = references.get(key)
+        scaled = [None if v is None else v * scale for v in values]
+        panels.append(_Panel(title, scaled, None if reference is None else reference * scale, limit))
+    rows = [(label, _STAGE_COLORS[stage]) for label, stage, _ in evaluations]
+    _bar_panels(rows, panels, output_dir / "metrics.png")
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), dpi=100)
-    labels = [run["method"] for run in runs]
-    figures = (
-        ("peak memory in training (GB)", [_gb(run["train"]) for run in runs]),
-        ("training time (s)", [run["train"]["train_seconds"] for run in runs]),
-        ("trained tokens/s", [run["train"]["trained_tokens_per_second"] or 0 for run in runs]),
-    )
-    for ax, (title, values) in zip(axes, figures, strict=True):
-        ax.bar(labels, values, color=["#2a7ab9", "#e08a1e", "#5aa02c"][: len(values)])
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(output_dir / "resources.png")
-    plt.close(fig)
+    run_rows = [
+        (_LABELS.get(run["method"], run["method"]), _RUN_COLORS[i % len(_RUN_COLORS)]) for i, run in enumerate(runs)
+    ]
+    resources = [
+        _Panel("peak memory in training (GB)", [_gb(run["train"]) for run in runs]),
+        _Panel("training time (s)", [run["train"]["train_seconds"] for run in runs]),
+        _Panel("trained tokens/s", [run["train"]["trained_tokens_per_second"] or 0 for run in runs]),
+    ]
+    _bar_panels(run_rows, resources, output_dir / "resources.png")
     return [*names, "metrics.png", "resources.png"]
 
 
-def _merge_section(report: dict[str, Any]) -> list[str]:
-    table = merge_table_lines(report)
-    if not table:
-        return []
-    return [
-        "## Merge bases",
-        "",
-        *table,
-        "",
-        "The adapter as trained runs on the base it was trained on (4-bit for QLoRA); each merged model is "
-        "W0 + (B A)·alpha/r saved in bf16, with W0 the original 16-bit weights or their NF4 round trip. "
-        "Perplexity: over every model-turn token of the evaluated test conversations.",
-        "",
-    ]
+_MERGE_NOTE = (
+    "The adapter as trained runs on the base it was trained on (4-bit for QLoRA); each merged model is "
+    "W0 + (B A)·alpha/r saved in bf16, with W0 the original 16-bit weights or their NF4 round trip. "
+    "Perplexity: over every model-turn token of the evaluated test conversations."
+)
+_BEHAVIOUR_NOTE = (
+    "Turn-end rate: replies that ended with `<end_of_turn>` or `<eos>` before the token limit. Repetition: the "
+    "share of a reply's word 4-grams that repeat an earlier one, averaged over replies. Distinct-2: distinct "
+    "word bigrams over all bigrams of all replies. Persian letters: among all letters of all replies. Words as "
+    "ROUGE-L counts them, after normalisation. The references row is the yardstick."
+)
+
+
+def _section(title: str, table: list[str], note: str) -> list[str]:
+    return [f"## {title}", "", *table, "", note, ""] if table else []
 
 
 def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int = 3) -> Path:
@@ -218,10 +347,16 @@ def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int
         f"Scores are 0-100. Memory: {memory_note}, over the training phase of each run (each run in its own "
         'process). "Before" is each run\'s own base as loaded (4-bit for QLoRA, 16-bit for LoRA).',
         "",
-        *_merge_section(report),
+        *_section("Behaviour", behaviour_table_lines(report), _BEHAVIOUR_NOTE),
+        *_section("Merge bases", merge_table_lines(report), _MERGE_NOTE),
         "## What changed",
         "",
-        *_verdicts(report),
+        *verdict_lines(report),
+        "",
+        "Each verdict weighs the behaviour above with BLEU-4, ROUGE-L, chrF and perplexity against the run's base "
+        "as loaded (`persian_qlora.behaviour.verdict`): replies that newly loop, lose their diversity, stop ending "
+        "their turn, leave Persian or go empty are *degenerate* whatever the overlap scores do; otherwise each "
+        "metric that moved beyond a noise step counts as a gain or a loss.",
         "",
         "## Settings and signatures",
         "",

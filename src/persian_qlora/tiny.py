@@ -21,6 +21,7 @@ from persian_qlora.chat_template import gemma3_chat_template
 
 __all__ = [
     "DEMO_DIMS",
+    "PERSIAN_LM_DIMS",
     "GEMMA_SPECIAL_TOKENS",
     "TinyArch",
     "build_tiny_gemma",
@@ -234,7 +235,7 @@ def build_tiny_gemma(
     return save_dir
 
 
-# A size at which the demo's fine-tune visibly learns on 2 CPU cores in a few minutes.
+# A small tiny Gemma 3 (0.8M parameters), e.g. for inference benchmarks.
 DEMO_DIMS: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -242,36 +243,50 @@ DEMO_DIMS: dict[str, Any] = {
     "num_attention_heads": 4,
     "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
 }
+# The offline demo's base (2.8M parameters). Chosen on a validation slice of the train split (docs/comparison.md):
+# at hidden 128, eight passes over the train split's text left a training perplexity of 245 and fine-tuned
+# replies that looped on one word; at hidden 256 the same passes reach 51, and fine-tuned replies end their turn.
+PERSIAN_LM_DIMS: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "head_dim": 64,
+    "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+}
 
 
 def build_tiny_persian_lm(
     save_dir: str | Path,
     *,
-    epochs: int = 30,
+    epochs: int = 8,
     seed: int = 0,
     block_size: int = 128,
     batch_size: int = 16,
     learning_rate: float = 3e-3,
-    roles: tuple[str, ...] = ("system", "user"),
+    roles: tuple[str, ...] = ("system", "user", "assistant"),
+    data: str | Path | None = None,
+    dims: dict[str, Any] | None = None,
 ) -> Path:
     """A tiny Gemma 3 pretrained on plain Persian text from the bundled *train* split, for the offline demo.
 
     LoRA cannot teach a random model anything useful: its frozen random embeddings cap how confident the output
     can be, so greedy decoding repeats the most frequent token. Like a real base model, this one first learns the
-    language, from the plain text (no chat template) of the train split's ``roles`` turns (by default the user
-    and system turns), so that a QLoRA/LoRA fine-tune has something to adapt and something new to learn: the
-    turn format, when to stop, and the assistant replies. The test split is never seen. Deterministic for a
-    seed; about half a minute on 2 CPU cores.
+    language, from the plain text (no chat template, ``<eos>`` between texts) of the ``roles`` turns of ``data``
+    (a chat JSONL; by default the bundled train split, every turn), so that a QLoRA/LoRA fine-tune has something
+    to adapt and something new to learn: the turn format and when to end a turn. The test split is never seen.
+    ``dims`` are :func:`build_tiny_gemma` overrides (default :data:`PERSIAN_LM_DIMS`). Deterministic for a seed.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from persian_qlora.dataset import bundled_corpus_path
 
-    path = build_tiny_gemma(save_dir, "gemma3", seed=seed, **DEMO_DIMS)
+    path = build_tiny_gemma(save_dir, "gemma3", seed=seed, **(PERSIAN_LM_DIMS if dims is None else dims))
     tokenizer = AutoTokenizer.from_pretrained(path)
+    source = Path(data) if data is not None else bundled_corpus_path("train")
     texts = [
         m["content"]
-        for line in bundled_corpus_path("train").read_text(encoding="utf-8").splitlines()
+        for line in source.read_text(encoding="utf-8").splitlines()
         for m in json.loads(line)["messages"]
         if m["role"] in roles
     ]
