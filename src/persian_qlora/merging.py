@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from persian_qlora._files import staged_directory
+from persian_qlora._files import require_free_space, staged_directory
 from persian_qlora.errors import PersianQLoRAError
 
 __all__ = ["MergeResult", "merge_to_fp16", "push_to_hub", "render_model_card"]
@@ -95,13 +94,7 @@ def _check_free_space(model: nn.Module, directory: Path) -> None:
         if tensor.data_ptr() not in seen:  # tied weights are stored once
             seen.add(tensor.data_ptr())
             needed += tensor.numel() * tensor.element_size()
-    needed = int(needed * 1.05) + 50 * 2**20  # shard headers, tokenizer, card
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise PersianQLoRAError(
-            f"not enough disk space in {directory}: the merged model needs about {needed / 2**30:.2f} GiB and "
-            f"{free / 2**30:.2f} GiB are free; free some space or choose another output directory"
-        )
+    require_free_space(directory, int(needed * 1.05) + 50 * 2**20, "the merged model")  # + headers, tokenizer, card
 
 
 def render_model_card(
