@@ -281,7 +281,8 @@ def _export_gguf(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     result = export_gguf(args.model, args.output, quantization=args.quantization, overwrite=args.overwrite)
     size = result.path.stat().st_size / 2**30
-    print(f"wrote {result.path} ({result.quantization}, {result.tensors} tensors, {size:.2f} GiB) and {result.modelfile}")
+    print(f"wrote {result.path} ({result.quantization}, {result.tensors} tensors, {size:.2f} GiB)")
+    print(f"and {result.modelfile}")
     print(f"Ollama: ollama create NAME -f {result.modelfile}   llama.cpp: llama-cli -m {result.path} -cnv")
     return 0
 
