@@ -4,6 +4,7 @@ against its original GGUF."""
 
 import json
 import math
+import os
 import shutil
 import sys
 
@@ -16,6 +17,7 @@ import persian_qlora.export as export_module
 from persian_qlora import MissingExtraError, PersianChatDataset, PersianQLoRAError, evaluation_pairs, generate
 from persian_qlora.cli import main
 from persian_qlora.export import export_gguf
+from persian_qlora.merging import render_model_card
 from persian_qlora.testing import build_tiny_gemma
 
 gguf = pytest.importorskip("gguf")
@@ -204,6 +206,29 @@ def test_the_modelfile_runs_the_file_with_gemma_turns_and_the_recipe_sampling(ex
     template = result.modelfile.read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert "<start_of_turn>user\n" in template and "<start_of_turn>model\n" in template
     assert template.count("{{") == template.count("}}")
+
+
+def test_a_merged_models_card_names_it_in_the_file(checkpoint, tmp_path):
+    """The merge's model card (licence, tags, language) goes into general.*, as llama.cpp's converter reads it;
+    its base, a local path here, is left out rather than turned into a hub URL that does not exist."""
+    merged = shutil.copytree(checkpoint, tmp_path / "gemma3-fa")
+    adapter = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj"]}
+    card = render_model_card(base=str(checkpoint), adapter_config=adapter, merge_base="original", dtype=torch.bfloat16)
+    (merged / "README.md").write_text(card, encoding="utf-8")
+    fields = _fields(export_gguf(merged, tmp_path / "fa.gguf").path)
+    assert fields["general.name"] == "Gemma3 Fa" and fields["general.license"] == "gemma"
+    assert {"persian", "gemma", "persian-qlora"} <= set(fields["general.tags"]) and fields["general.languages"] == [
+        "fa"
+    ]
+    assert not any(key.startswith("general.base_model") for key in fields)
+
+
+def test_the_files_get_the_permissions_open_would_give(exported):
+    """Not the temporary file's 0o600: Ollama and other users read the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (exported["bf16"].path, exported["bf16"].modelfile):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):

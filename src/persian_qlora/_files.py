@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,10 +22,11 @@ def staged_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` to write; when the block succeeds, the file is flushed to disk and
     renamed over ``target``. A failed or interrupted write leaves no file that looks like a finished one."""
     target = Path(target)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(handle)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+    # Created as open() would create it (mode 0o666 less the umask), not mkstemp's 0o600: the file is the user's.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        yield Path(temporary)
+        yield temporary
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, target)

@@ -102,8 +102,8 @@ def _import_gguf():
     return gguf
 
 
-def _read_config(merged_dir: Path) -> dict[str, Any]:
-    """The checkpoint's config.json, after refusing what is not a full Gemma 3 checkpoint, with a reason."""
+def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
+    """Refuse, with the reason, a directory that is not a full Gemma 3 checkpoint."""
     if not merged_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {merged_dir}")
     has_weights = any(merged_dir.glob("*.safetensors")) or any(merged_dir.glob("pytorch_model*.bin"))
@@ -128,7 +128,6 @@ def _read_config(merged_dir: Path) -> dict[str, Any]:
             f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 (model_type gemma3_text or "
             "gemma3) only"
         )
-    return config
 
 
 def _check_llama_cpp_runs_it_as_is(config) -> None:
@@ -187,7 +186,7 @@ def _check_merges_follow_the_pieces(bpe: dict[str, Any], added: set[str]) -> Non
         reason = (
             f"{len(missing)} pairs that form a piece have no merge, e.g. {sorted(missing)[:3]}"
             if missing
-            else f"merge {out_of_order} {merges[out_of_order]} ranks before a piece with a lower id"
+            else f"merge {out_of_order} {merges[out_of_order]} makes a piece with a lower id than the one before"
         )
         raise PersianQLoRAError(
             "the tokenizer cannot be written as the SentencePiece vocabulary llama.cpp expects for Gemma: llama.cpp "
@@ -345,6 +344,14 @@ def _write_general(writer, merged_dir: Path, parameters: int, file_type: int) ->
 
     metadata = gguf.Metadata.load(None, merged_dir, None, parameters)
     metadata.name = metadata.name or merged_dir.name
+    # A base model the card names by a local path (a merge of a local base) is no reference for anyone else, and
+    # gguf would turn it into a hub URL that does not exist.
+    hub = "https://huggingface.co/"
+    metadata.base_models = [
+        base
+        for base in metadata.base_models or []
+        if not Path(base.get("repo_url", "").removeprefix(hub)).expanduser().exists()
+    ] or None
     metadata.size_label = metadata.size_label or gguf.size_label(parameters, 0, 0, 0)
     metadata.sampling_temp = REFERENCE_SAMPLING["temperature"]
     metadata.sampling_top_p = REFERENCE_SAMPLING["top_p"]
@@ -395,7 +402,7 @@ def export_gguf(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     merged_dir, output_file = Path(merged_dir), Path(output_file)
-    _read_config(merged_dir)
+    _check_is_gemma3_checkpoint(merged_dir)
     config = AutoConfig.from_pretrained(merged_dir).get_text_config()
     _check_llama_cpp_runs_it_as_is(config)
     modelfile = output_file.with_suffix(".Modelfile")
