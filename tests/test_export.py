@@ -252,6 +252,11 @@ def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):
         assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
 
 
+def test_an_unknown_quantization_is_refused_before_any_work(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="quantization must be one of auto, bf16, f16, q8_0; got 'q4_k_m'"):
+        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q4_k_m")
+
+
 def test_a_lora_adapter_is_refused_with_merge_first(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(PersianQLoRAError, match="LoRA adapter.*persian-qlora merge"):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
@@ -39,6 +40,8 @@ __all__ = ["GGUFExport", "Quantization", "export_gguf", "render_modelfile"]
 logger = logging.getLogger("persian_qlora")
 
 Quantization = Literal["auto", "bf16", "f16", "q8_0"]
+# quantization -> (the GGML type of the weights, llama.cpp's file type)
+_QUANTIZATIONS = {"bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
 # What llama.cpp's Gemma 3 (llama-model.cpp, LLM_ARCH_GEMMA3) assumes instead of reading it from the file.
 _LLAMA_CPP_GLOBAL_EVERY = 6  # set_swa_pattern(6): layers 5, 11, 17, ... attend globally, the others locally
@@ -226,20 +229,6 @@ def _sentencepiece_vocabulary(tokenizer) -> _Vocabulary:
     return _Vocabulary(tokens, scores, types)
 
 
-def _ggml_type(quantization: Quantization, stored: torch.dtype):
-    gguf = _import_gguf()
-    types = {
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }
-    if quantization == "auto":  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto
-        quantization = "f16" if stored == torch.float16 else "bf16"
-    if quantization not in types:
-        raise ValueError(f"quantization must be one of auto, {', '.join(types)}; got {quantization!r}")
-    return quantization, types[quantization]
-
-
 def _plan_tensors(model, config, vocabulary_size: int, weight_type) -> list[_PlannedTensor]:
     """Every tensor of the language model under its GGUF name, in the order it is written."""
     gguf = _import_gguf()
@@ -269,8 +258,6 @@ def _plan_tensors(model, config, vocabulary_size: int, weight_type) -> list[_Pla
 def _encode(planned: _PlannedTensor):
     """The tensor's bytes in its GGUF type; norms become 1 + w, as llama.cpp multiplies by the stored weight."""
     gguf = _import_gguf()
-    import numpy as np
-
     tensor, kind = planned.source.detach(), gguf.GGMLQuantizationType
     if planned.norm:
         return (tensor.float() + 1.0).numpy()
@@ -379,9 +366,6 @@ def render_modelfile(gguf_name: str) -> str:
     )
 
 
-_FILE_TYPES = {"bf16": "MOSTLY_BF16", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
-
-
 def export_gguf(
     merged_dir: str | Path,
     output_file: str | Path,
@@ -398,9 +382,10 @@ def export_gguf(
     ``overwrite=True``. Needs the ``gguf`` extra.
     """
     gguf = _import_gguf()
-    import numpy as np
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if quantization != "auto" and quantization not in _QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of auto, {', '.join(_QUANTIZATIONS)}; got {quantization!r}")
     merged_dir, output_file = Path(merged_dir), Path(output_file)
     _check_is_gemma3_checkpoint(merged_dir)
     config = AutoConfig.from_pretrained(merged_dir).get_text_config()
@@ -413,15 +398,17 @@ def export_gguf(
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     vocabulary = _sentencepiece_vocabulary(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto")
-    quantization, weight_type = _ggml_type(quantization, model.get_decoder().embed_tokens.weight.dtype)
-    plan = _plan_tensors(model, config, len(vocabulary.tokens), weight_type)
+    if quantization == "auto":  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto (fp32 -> bf16)
+        quantization = "f16" if model.get_input_embeddings().weight.dtype == torch.float16 else "bf16"
+    weight_type, file_type = _QUANTIZATIONS[quantization]
+    plan = _plan_tensors(model, config, len(vocabulary.tokens), gguf.GGMLQuantizationType[weight_type])
     bad = [p.name for p in plan if not torch.isfinite(p.source).all()]
     if bad:
         raise PersianQLoRAError(f"{merged_dir}: non-finite weights in {bad[:3]}; the checkpoint is broken")
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3])
     parameters = sum(math.prod(p.shape) for p in plan)
-    _write_general(writer, merged_dir, parameters, gguf.LlamaFileType[_FILE_TYPES[quantization]])
+    _write_general(writer, merged_dir, parameters, gguf.LlamaFileType[file_type])
     _write_architecture(writer, config)
     _write_tokenizer(writer, tokenizer, vocabulary)
     for planned in plan:  # the shape as given: the raw type says how it is stored
