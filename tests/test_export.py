@@ -23,7 +23,7 @@ from persian_qlora.testing import build_tiny_gemma
 gguf = pytest.importorskip("gguf")
 
 # Every real Gemma 3 has this shape, which llama.cpp fixes rather than reads: 5 local layers then 1 global, and
-# head_dim = query_pre_attn_scalar = 256 (transformers' GGUF reader assumes 256 too).
+# head_dim = query_pre_attn_scalar = 256 (transformers' GGUF reader does not read the query scale: it assumes 256).
 GEMMA3_LAYOUT = {
     "num_hidden_layers": 6,
     "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
@@ -48,7 +48,7 @@ def _complete_merges(directory):
     path = directory / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     vocab = data["model"]["vocab"]
-    pieces = {t for t in vocab} - {t["content"] for t in data["added_tokens"]}
+    pieces = set(vocab) - {t["content"] for t in data["added_tokens"]}
     data["model"]["merges"] = [
         [piece[:cut], piece[cut:]]
         for piece in sorted(pieces, key=vocab.__getitem__)
