@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,17 +13,39 @@ from pathlib import Path
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    with staged_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def staged_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write; when the block succeeds, the file is flushed to disk and
+    renamed over ``target``. A failed or interrupted write leaves no file that looks like a finished one."""
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+    # Created as open() would create it (mode 0o666 less the umask), not mkstemp's 0o600: the file is the user's.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def require_free_space(directory: str | Path, needed: int, what: str) -> None:
+    """Refuse to start writing ``needed`` bytes into ``directory`` when they cannot fit: a full disk mid-write is
+    the worst way to find out."""
+    from persian_qlora.errors import PersianQLoRAError
+
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise PersianQLoRAError(
+            f"not enough disk space in {directory}: {what} needs about {needed / 2**30:.2f} GiB and "
+            f"{free / 2**30:.2f} GiB are free; free some space or choose another output directory"
+        )
 
 
 @contextmanager

@@ -290,6 +290,17 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def _export_gguf(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from persian_qlora.export import export_gguf
+
+    result = export_gguf(args.model, args.output, quantization=args.quantization, overwrite=args.overwrite)
+    size = result.path.stat().st_size / 2**30
+    print(f"wrote {result.path} ({result.quantization}, {result.tensors} tensors, {size:.2f} GiB)")
+    print(f"and {result.modelfile}")
+    print(f"Ollama: ollama create NAME -f {result.modelfile}   llama.cpp: llama-cli -m {result.path} -cnv")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="persian-qlora", description="Fine-tune Gemma chat models on Persian conversations with QLoRA or LoRA."
@@ -350,6 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model and its card to the hub")
     merge.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
     merge.set_defaults(run=_merge)
+
+    export = commands.add_parser(
+        "export-gguf",
+        help="write a merged Gemma 3 as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile",
+        description="Write a merged Gemma 3 (a 'merge' output or any Gemma 3 checkpoint) as one GGUF file, and an "
+        "Ollama Modelfile beside it (FILE with the suffix .Modelfile). See docs/export.md.",
+    )
+    export.add_argument("--model", required=True, help="the merged model directory (from merge)")
+    export.add_argument("--output", required=True, help="the GGUF file to write, e.g. persian-gemma.q8_0.gguf")
+    export.add_argument(
+        "--quantization",
+        choices=["auto", "bf16", "f16", "q8_0"],
+        default="auto",
+        help="weight type; auto: the checkpoint's own 16-bit type (norms stay F32 in every case)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing file and Modelfile")
+    export.set_defaults(run=_export_gguf)
 
     comparison = commands.add_parser(
         "compare",

