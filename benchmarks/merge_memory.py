@@ -42,17 +42,10 @@ import sys
 import time
 from pathlib import Path
 
+from gpu_scale import GEMMA3_1B  # Gemma 3 1B's published dimensions (benchmarks/gpu_scale.py)
+
 SIDES = ("streaming", "old", "peft")
 BASES = ("original", "nf4")
-GEMMA3_1B = dict(
-    vocab_size=262_144,
-    hidden_size=1152,
-    intermediate_size=6912,
-    num_hidden_layers=26,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=256,
-)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -228,9 +228,10 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
 
 
 class _Trainer(Trainer):
-    """``Trainer`` that computes the lean loss (in training, and in evaluations that ask for no logits), weighs every trained token alike under gradient accumulation, counts
-    trained tokens, stops on a non-finite loss or gradient norm before the optimizer step, resumes only from complete
-    checkpoints, and saves how the base was loaded beside every adapter it saves."""
+    """``Trainer`` that computes the lean loss (in training, and in evaluations that ask for no logits), weighs
+    every trained token alike under gradient accumulation, counts trained tokens, stops on a non-finite loss or
+    gradient norm before the optimizer step, resumes only from complete checkpoints, and saves how the base was
+    loaded beside every adapter it saves."""
 
     def __init__(
         self, *args: Any, run_metrics: RunMetricsCallback, lean_loss: bool, loss_chunk_size: int, **kwargs: Any
