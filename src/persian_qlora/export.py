@@ -31,6 +31,7 @@ import torch
 
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
 from persian_qlora.errors import MissingExtraError, PersianQLoRAError
+from persian_qlora.families import FAMILIES
 
 if TYPE_CHECKING:
     import gguf
@@ -47,8 +48,6 @@ _QUANTIZATIONS = {"bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16"),
 _LLAMA_CPP_GLOBAL_EVERY = 6  # set_swa_pattern(6): layers 5, 11, 17, ... attend globally, the others locally
 _LLAMA_CPP_LOCAL_ROPE_BASE = 10_000.0  # rope_freq_base_train_swa
 _LLAMA_CPP_27B_LAYERS = 62  # the one size whose query scale is 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim)
-_GEMMA3_TYPES = {"gemma3_text", "gemma3"}
-_GEMMA3N_TYPES = {"gemma3n_text", "gemma3n"}
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _ADDED_TOKEN_SCORE = -1000.0  # what convert_hf_to_gguf.py gives control and user-defined pieces
 _Q8_0_CHUNK_ELEMENTS = 2**24  # quantise this many weights at a time, so a 262k-row embedding needs no f32 copy
@@ -118,18 +117,18 @@ def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
     config_file = merged_dir / "config.json"
     if not config_file.is_file() or not has_weights:
         raise PersianQLoRAError(f"{merged_dir} is not a checkpoint directory (config.json and weights)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
-    if model_type in _GEMMA3N_TYPES:
-        raise PersianQLoRAError(
-            f"{merged_dir} is a Gemma 3n checkpoint; GGUF export covers Gemma 3 only, because transformers cannot "
-            "read a gemma3n GGUF back to check the file (see docs/export.md). Use the merged checkpoint with "
-            "transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
-        )
-    if model_type not in _GEMMA3_TYPES:
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    family = FAMILIES.get(model_type)
+    if family is None:
         raise PersianQLoRAError(
             f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 (model_type gemma3_text or "
             "gemma3) only"
+        )
+    if family.gguf_architecture is None:
+        raise PersianQLoRAError(
+            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 only, not Gemma 3n, because "
+            "transformers cannot read a gemma3n GGUF back to check the file (see docs/export.md). Use the merged "
+            "checkpoint with transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
         )
 
 

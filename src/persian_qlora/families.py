@@ -45,6 +45,9 @@ class GemmaFamily:
     per_layer_embeddings: tuple[str, ...] = ()  # Gemma 3n's per-layer token tables (2.35 B parameters in E4B)
     needs_token_type_ids: bool = False  # forward takes token_type_ids to tell text (0) from image tokens
     reserved: tuple[str, ...] = _CHAT_TOKENS + _IMAGE_TOKENS  # control tokens that must never appear in data
+    # llama.cpp's name for the language model, for GGUF export; None where the export is not offered (Gemma 3n:
+    # transformers cannot read a gemma3n GGUF back, so an export could not be checked; docs/export.md)
+    gguf_architecture: str | None = None
 
     @property
     def multimodal(self) -> bool:
@@ -78,7 +81,7 @@ class GemmaFamily:
 FAMILIES: dict[str, GemmaFamily] = {
     family.model_type: family
     for family in (
-        GemmaFamily(model_type="gemma3_text", causal_lm_class="Gemma3ForCausalLM"),
+        GemmaFamily(model_type="gemma3_text", causal_lm_class="Gemma3ForCausalLM", gguf_architecture="gemma3"),
         GemmaFamily(
             model_type="gemma3",
             causal_lm_class="Gemma3ForConditionalGeneration",
@@ -86,6 +89,7 @@ FAMILIES: dict[str, GemmaFamily] = {
             text_weight_names=((r"^language_model\.model\.", "model."), (r"^model\.language_model\.", "model.")),
             towers=("vision_tower", "multi_modal_projector"),
             needs_token_type_ids=True,
+            gguf_architecture="gemma3",
         ),
         GemmaFamily(
             model_type="gemma3n_text",

@@ -1,0 +1,86 @@
+"""Which end-of-turn fix makes a fine-tuned base model end its turn: the real Gemma 3 270M (the gemma3-270m extra),
+QLoRA on the first conversations of the bundled train split, greedy replies to the first test prompts.
+
+Variants: the adapter trained with and without the <end_of_turn> row (LoraSettings.train_turn_end), each decoded
+with and without suppressing never-trained tokens (generate(suppress_untrained=...)). Prints, per variant, how
+many replies ended their turn before the token limit and their lengths; --output writes the figures and replies.
+
+    python benchmarks/turn_end.py --steps 24 --train 12 --test 12 --output turn_end.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps of batch 2, no accumulation")
+    parser.add_argument("--train", type=int, default=12, help="training conversations (the first of the split)")
+    parser.add_argument("--test", type=int, default=12, help="test prompts (the first of the split)")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer, set_seed
+
+    from persian_qlora.bases import prepare_base
+    from persian_qlora.dataset import PersianChatDataset
+    from persian_qlora.generation import evaluation_pairs, generate
+    from persian_qlora.modeling import LoraSettings, build_qlora_model
+    from persian_qlora.tokens import TURN_END, indistinct_tokens, untrained_token_ids
+    from persian_qlora.training import TrainConfig, make_trainer
+
+    path = str(prepare_base("gemma3-270m"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train = PersianChatDataset.bundled(tokenizer, split="train", max_length=512)
+    test = PersianChatDataset.bundled(tokenizer, split="test", max_length=512)
+    prompts, _ = evaluation_pairs(test.conversations[: args.test])
+    results: dict[str, dict] = {}
+    for train_turn_end in (False, True):
+        set_seed(3407)
+        model = build_qlora_model(path, lora=LoraSettings(train_turn_end=train_turn_end))
+        if not train_turn_end:  # once: why the fix is needed on this checkpoint
+            eot = tokenizer.convert_tokens_to_ids(TURN_END)
+            embedding = model.get_input_embeddings().weight
+            print(f"{TURN_END} indistinct: {bool(indistinct_tokens(embedding, [eot]))}; "
+                  f"never-trained ids: {len(untrained_token_ids(tokenizer))}", flush=True)
+        config = TrainConfig(
+            output_dir=f"/tmp/turn-end-{train_turn_end}",
+            learning_rate=2e-4,
+            gradient_accumulation_steps=1,
+            max_steps=args.steps,
+            warmup_steps=2,
+            max_length=512,
+            extra={"save_strategy": "no", "disable_tqdm": True},
+        )
+        started = time.perf_counter()
+        trainer = make_trainer(model, tokenizer, [train[i] for i in range(args.train)], config=config)
+        trainer.train()
+        losses = [round(e["loss"], 2) for e in trainer.state.log_history if "loss" in e]
+        print(f"train_turn_end={train_turn_end}: {time.perf_counter() - started:.0f} s, loss {losses[0]} -> "
+              f"{losses[-1]}", flush=True)
+        for suppress in (False, True):
+            result = generate(
+                model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=12, suppress_untrained=suppress
+            )
+            name = f"train_turn_end={train_turn_end}, suppress_untrained={suppress}"
+            ended = sum(result.ended_turn)
+            results[name] = {
+                "ended_turn": ended,
+                "replies": len(prompts),
+                "new_tokens": result.new_tokens,
+                "texts": result.texts,
+                "final_loss": losses[-1],
+            }
+            print(f"{name}: {ended}/{len(prompts)} ended their turn; new tokens {result.new_tokens}", flush=True)
+        del model, trainer
+    if args.output:
+        args.output.write_text(json.dumps(results, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
