@@ -46,8 +46,11 @@ def main() -> None:
         if not train_turn_end:  # once: why the fix is needed on this checkpoint
             eot = tokenizer.convert_tokens_to_ids(TURN_END)
             embedding = model.get_input_embeddings().weight
-            print(f"{TURN_END} indistinct: {bool(indistinct_tokens(embedding, [eot]))}; "
-                  f"never-trained ids: {len(untrained_token_ids(tokenizer))}", flush=True)
+            print(
+                f"{TURN_END} indistinct: {bool(indistinct_tokens(embedding, [eot]))}; "
+                f"never-trained ids: {len(untrained_token_ids(tokenizer))}",
+                flush=True,
+            )
         config = TrainConfig(
             output_dir=f"/tmp/turn-end-{train_turn_end}",
             learning_rate=2e-4,
@@ -61,11 +64,18 @@ def main() -> None:
         trainer = make_trainer(model, tokenizer, [train[i] for i in range(args.train)], config=config)
         trainer.train()
         losses = [round(e["loss"], 2) for e in trainer.state.log_history if "loss" in e]
-        print(f"train_turn_end={train_turn_end}: {time.perf_counter() - started:.0f} s, loss {losses[0]} -> "
-              f"{losses[-1]}", flush=True)
+        print(
+            f"train_turn_end={train_turn_end}: {time.perf_counter() - started:.0f} s, loss {losses[0]} -> {losses[-1]}",
+            flush=True,
+        )
         for suppress in (False, True):
             result = generate(
-                model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=12, suppress_untrained=suppress
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=12,
+                suppress_untrained=suppress,
             )
             name = f"train_turn_end={train_turn_end}, suppress_untrained={suppress}"
             ended = sum(result.ended_turn)
