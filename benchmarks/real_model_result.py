@@ -3,7 +3,8 @@ with the same settings over the whole bundled train split, the learning rate cho
 that split (never on the test split), then evaluated on the bundled test split: both merge bases, perplexity, the
 behaviour measures, BLEU-4, ROUGE-L, chrF, peak memory and time.
 
-1. Learning rate: for each candidate, QLoRA trains one epoch on the train split less a validation slice
+1. Learning rate: for each candidate, LoRA (``--sweep-method``; faster than QLoRA on a CPU, where bitsandbytes
+   dequantises every weight at every use) trains one epoch on the train split less a validation slice
    (``eval_fraction`` of it, drawn with the recipe's seed) and records the held-out loss every ``eval_steps``
    updates; the candidate with the lowest final validation loss wins. Written to ``OUTPUT_DIR/lr_sweep.json``.
 2. ``compare`` with that learning rate on the whole train split; ``OUTPUT_DIR/compare/report.md`` and
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--sweep-method", choices=["qlora", "lora"], default="lora")
+    parser.add_argument("--eval-batch-size", type=int, default=64, help="64: the 49 test prompts in one batch")
     parser.add_argument("--learning-rate", type=float, help="skip the sweep and use this learning rate")
     args = parser.parse_args()
 
@@ -48,7 +51,7 @@ def main() -> None:
                 {
                     "model": base,
                     "data": data,
-                    "method": "qlora",
+                    "method": args.sweep_method,
                     "eval_fraction": args.validation_fraction,
                     "learning_rate": candidate,
                     "eval_steps": args.eval_steps,
@@ -79,7 +82,7 @@ def main() -> None:
         output_dir=str(args.output_dir / "compare"),
         test_data=str(bundled_corpus_path("test")),
         max_new_tokens=args.max_new_tokens,
-        eval_batch_size=16,
+        eval_batch_size=args.eval_batch_size,
         merge_bases=("original", "nf4"),
         perplexity=True,
         model_label=KNOWN_BASES["gemma3-270m"].description,

@@ -4,6 +4,10 @@ QLoRA on the first conversations of the bundled train split, greedy replies to t
 Variants: the adapter trained with and without the <end_of_turn> row (LoraSettings.train_turn_end), each decoded
 with and without suppressing never-trained tokens (generate(suppress_untrained=...)). Prints, per variant, how
 many replies ended their turn before the token limit and their lengths; --output writes the figures and replies.
+Greedy replies can miss the end of turn for reasons of their own (a reply that wanders never reaches a point to
+stop), so it also prints the teacher-forced measure: fed each test conversation whole, the rank of <end_of_turn>
+among all tokens right after the reference reply's last token (1: greedy decoding would end the turn there), with
+and without the never-trained tokens.
 
     python benchmarks/turn_end.py --steps 24 --train 12 --test 12 --output turn_end.json
 """
@@ -14,6 +18,27 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+
+def turn_end_ranks(model, tokenizer, conversations, suppressed: list[int]) -> tuple[list[int], list[int]]:
+    """Per conversation: the rank of <end_of_turn> where its last model turn ends, among all tokens and among the
+    tokens suppression leaves."""
+    import torch
+
+    from persian_qlora.tokens import TURN_END
+
+    eot = tokenizer.convert_tokens_to_ids(TURN_END)
+    ranks, ranks_suppressed = [], []
+    model.eval()
+    for conversation in conversations:
+        ids = tokenizer.apply_chat_template(conversation, return_dict=True)["input_ids"]
+        end = max(i for i, t in enumerate(ids) if t == eot)  # the last model turn's <end_of_turn>
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[:end]])).logits[0, -1].float()
+        ranks.append(int((logits > logits[eot]).sum()) + 1)
+        logits[suppressed] = float("-inf")
+        ranks_suppressed.append(int((logits > logits[eot]).sum()) + 1)
+    return ranks, ranks_suppressed
 
 
 def main() -> None:
@@ -39,6 +64,7 @@ def main() -> None:
     train = PersianChatDataset.bundled(tokenizer, split="train", max_length=512)
     test = PersianChatDataset.bundled(tokenizer, split="test", max_length=512)
     prompts, _ = evaluation_pairs(test.conversations[: args.test])
+    suppressed = untrained_token_ids(tokenizer)
     results: dict[str, dict] = {}
     for train_turn_end in (False, True):
         set_seed(3407)
@@ -68,6 +94,12 @@ def main() -> None:
             f"train_turn_end={train_turn_end}: {time.perf_counter() - started:.0f} s, loss {losses[0]} -> {losses[-1]}",
             flush=True,
         )
+        ranks, ranks_suppressed = turn_end_ranks(model, tokenizer, test.conversations[: args.test], suppressed)
+        print(
+            f"train_turn_end={train_turn_end}: rank of {TURN_END} at the reference's turn end {ranks}; with "
+            f"never-trained tokens suppressed {ranks_suppressed}",
+            flush=True,
+        )
         for suppress in (False, True):
             result = generate(
                 model,
@@ -85,6 +117,7 @@ def main() -> None:
                 "new_tokens": result.new_tokens,
                 "texts": result.texts,
                 "final_loss": losses[-1],
+                "turn_end_ranks": ranks_suppressed if suppress else ranks,
             }
             print(f"{name}: {ended}/{len(prompts)} ended their turn; new tokens {result.new_tokens}", flush=True)
         del model, trainer

@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--base",
         choices=["tiny", *KNOWN_BASES],
         default="tiny",
-        help="tiny: a 1M-parameter Persian LM built here (default); gemma3-270m: the real Gemma 3 270M, "
+        help="tiny: a 2.8M-parameter Persian LM built here (default); gemma3-270m: the real Gemma 3 270M, "
         "from the gemma3-270m extra, 37 minutes measured on 2 CPU cores",
     )
     demo.add_argument("--output-dir", help="the report directory (default: runs/demo, or runs/demo-BASE)")
