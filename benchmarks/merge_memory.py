@@ -23,6 +23,9 @@ Sides (output bf16 in all):
 Memory: the process's peak resident set size during the merge, from the kernel's high-water mark (VmHWM, reset
 through /proc/self/clear_refs just before the merge starts, so it is exact and not sampled). Reported absolute and
 above the process's RSS just before the merge (after every import). Every side imports the same modules first.
+Time: until the output is on disk. The streaming merge fsyncs every file it writes (a merge that returned is a merge
+that survives a crash); save_pretrained does not, so each side ends with os.sync() inside the timed region, and
+the disk's write speed counts alike for every side.
 
     python benchmarks/merge_memory.py --workdir /tmp/merge-bench                       # gemma3-1b, every side
     python benchmarks/merge_memory.py --model gemma3n-e4b --layers 2 4 8 --sides streaming peft
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -208,6 +212,7 @@ def child(side: str, base: str, adapter: str, output_dir: str, merge_base: str) 
         old_in_memory_merge(base, adapter, output_dir, merge_base)
     else:
         peft_merge(base, adapter, output_dir, merge_base)
+    os.sync()  # until the output is on disk: the streaming merge fsyncs its files, save_pretrained leaves them cached
     seconds = time.perf_counter() - started
     print(json.dumps({"rss_before": before, "peak": _status("VmHWM"), "seconds": seconds}))
 

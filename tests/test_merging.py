@@ -433,6 +433,29 @@ def test_fp16_is_made_on_request_and_refused_when_its_forward_overflows(tiny_gem
     merge_to_fp16(loud, tmp_path / "lora", tmp_path / "loud-bf16")
 
 
+@pytest.mark.parametrize(
+    ("value", "dtype", "match"),
+    [
+        (float("nan"), torch.bfloat16, "is not finite in fp32; the adapter or the base is broken"),
+        (1e6, torch.float16, "values overflow torch.float16 when cast; use dtype=torch.bfloat16"),
+    ],
+)
+def test_a_weight_that_is_not_finite_or_overflows_the_output_dtype_is_refused(
+    tiny_gemma3_path, tmp_path, value, dtype, match
+):
+    from safetensors.torch import load_file, save_file
+
+    _adapter(tiny_gemma3_path, tmp_path / "lora")
+    weights_file = tmp_path / "lora" / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    name = next(n for n in weights if "q_proj.lora_B" in n)
+    weights[name] = torch.full_like(weights[name], value)
+    save_file(weights, weights_file)
+    with pytest.raises(PersianQLoRAError, match=match):
+        merge_to_fp16(tiny_gemma3_path, tmp_path / "lora", tmp_path / "out", dtype=dtype)
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_refused_unless_asked(trained, tmp_path):
     base, adapter = trained
     out = tmp_path / "merged"
