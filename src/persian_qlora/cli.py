@@ -167,7 +167,7 @@ def _demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     else:
         _print_base_notice(args.base)
         print(
-            f"persian-qlora demo: base vs QLoRA vs LoRA (+ QLoRA merged on both bases) on {args.base} and the "
+            f"persian-qlora demo: base vs QLoRA vs LoRA (+ merged QLoRA) on {args.base} and the "
             f"bundled corpus, offline, on {device}. Output in {output_dir}"
         )
     config = demo_config(output_dir, base=args.base, overrides=_parse_overrides(extra))

@@ -56,8 +56,8 @@ class CompareConfig:
     generation: dict[str, Any] = field(default_factory=dict)  # extra model.generate settings, same for every run
 
 
-# The real-model demo's training settings, fixed before any run on the test split. On 2 CPU cores, evaluating six
-# models (before/after for QLoRA and LoRA, two merges) on the 49 test conversations takes about 23 minutes, so
+# The real-model demo's training settings, fixed before any run on the test split. On 2 CPU cores, evaluating the
+# models (before/after for QLoRA and LoRA, the merge) on the 49 test conversations takes most of the time, so
 # training gets the rest of half an hour: 20 updates of 2 conversations (~8.5 s each) per method. Against the
 # recipe: the QLoRA paper's lr 2e-4 (the recipe's 2e-5 would barely move an adapter in 20 steps), no gradient
 # accumulation (4 times the updates for the same compute), warmup scaled to the run, and a max length that keeps
@@ -85,9 +85,10 @@ def demo_config(
     new tokens: the test split's last model turns are 100 tiny-tokenizer tokens at the median and 143 at the 90th
     percentile, so a reply that learned when to stop can end its turn. All settings were chosen on a validation
     slice of the train split (docs/comparison.md).
-    Real: the recipe with :data:`REAL_DEMO_OVERRIDES` (sized from measured parts to half an hour on 2 CPU cores;
-    the whole run measured 37 minutes, docs/results.md), plain greedy decoding, perplexity everywhere, and the
-    merge-base study: the QLoRA adapter as trained against both merges.
+    Real: the recipe with :data:`REAL_DEMO_OVERRIDES` (sized to half an hour on 2 CPU cores, docs/results.md),
+    plain greedy decoding of up to 128 new tokens with the 49 test prompts in one batch (on a CPU, bitsandbytes
+    dequantises every 4-bit weight at every decoding step, whatever the batch), perplexity everywhere, and the
+    QLoRA adapter merged into the original base.
     ``overrides`` are training settings (as for ``persian-qlora train``) applied last, e.g. ``{"max_steps": 2}``
     for a smoke run.
     """
@@ -118,8 +119,8 @@ def demo_config(
         output_dir=output_dir,
         test_data=str(bundled_corpus_path("test")),
         max_new_tokens=128,  # the 95th percentile of the train split's last model turns: 127 Gemma tokens
-        eval_batch_size=16,
-        merge_bases=("original", "nf4"),
+        eval_batch_size=64,
+        merge_bases=("original",),
         perplexity=True,
         model_label=KNOWN_BASES[base].description,
     )
