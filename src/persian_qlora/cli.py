@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tiny", *KNOWN_BASES],
         default="tiny",
         help="tiny: a 2.8M-parameter Persian LM built here (default); gemma3-270m: the real Gemma 3 270M, "
-        "from the gemma3-270m extra, 37 minutes measured on 2 CPU cores",
+        "from the gemma3-270m extra, 27 minutes measured on 2 CPU cores",
     )
     demo.add_argument("--output-dir", help="the report directory (default: runs/demo, or runs/demo-BASE)")
     demo.add_argument("--max-eval", type=int, help="evaluate at most this many test conversations")
