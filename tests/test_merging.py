@@ -131,10 +131,14 @@ def test_an_original_merge_is_peft_merge_and_unload_and_ships_the_whole_checkpoi
         assert towers and all(torch.equal(p, whole.get_parameter(n)) for n, p in towers.items())
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
 @pytest.mark.parametrize("arch", ["gemma3", "gemma3n"])
-def test_the_default_bf16_merge_of_a_bf16_checkpoint(arch, tmp_path):
+def test_the_default_bf16_merge_of_a_bf16_checkpoint(arch, kernel_copy, tmp_path, monkeypatch):
     """Real Gemma is stored in bf16, the default output: merged weights are peft's within bf16 rounding, every other
-    tensor is byte-identical, and the config is untouched."""
+    tensor is byte-identical (copied by the kernel, or read and written where it cannot), and the config is
+    untouched."""
+    if not kernel_copy:
+        monkeypatch.delattr("os.copy_file_range", raising=False)
     base = build_tiny_gemma(tmp_path / "base", arch, dtype=torch.bfloat16)
     model = _adapter(base, tmp_path / "adapter", use_rslora=True)  # fp32 LoRA on the bf16 weights, rsLoRA scale
     targets = _lora_targets(model, _family(base))
@@ -401,6 +405,19 @@ def test_mismatches_with_the_record_or_the_checkpoint_are_refused(tiny_gemma3_pa
         merge_to_fp16(tiny_gemma3_path, tmp_path / "wider-lora", tmp_path / "out")
     with pytest.raises(ValueError, match="dtype must be"):
         merge_to_fp16(tiny_gemma3_path, tmp_path / "lora", tmp_path / "out", dtype=torch.float64)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
+def test_a_truncated_base_is_refused(tiny_gemma3_path, tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:
+        monkeypatch.delattr("os.copy_file_range", raising=False)
+    _adapter(tiny_gemma3_path, tmp_path / "lora")
+    cut = shutil.copytree(tiny_gemma3_path, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(PersianQLoRAError, match="is truncated: tensor .* is incomplete"):
+        merge_to_fp16(cut, tmp_path / "lora", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

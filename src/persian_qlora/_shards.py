@@ -10,6 +10,7 @@ JSON header naming each tensor's dtype, shape and byte range, then the data.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -194,17 +195,47 @@ class ShardWriter:
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
         """Append ``data`` (a tensor of the planned dtype, or raw bytes) to the tensor ``name``."""
-        file_name, planned = self._queue[self._position]
-        if name != planned.name:
-            raise RuntimeError(f"shard writer: expected {planned.name}, got {name}")
+        planned = self._start(name)
         if isinstance(data, torch.Tensor):
             if data.dtype != planned.dtype:
                 raise RuntimeError(f"shard writer: {name} is planned as {planned.dtype}, got {data.dtype}")
             data = data.contiguous().view(-1).view(torch.uint8).numpy().data
+        self._handle.write(data)
+        self._advance(name, len(data))
+
+    def copy_range(self, name: str, source: Path, offset: int, nbytes: int) -> None:
+        """Append ``nbytes`` of the file ``source`` from ``offset`` to the tensor ``name``, copied by the kernel
+        (``copy_file_range``) so no byte passes through this process; read and written here where it cannot."""
+        self._start(name)
+        self._handle.flush()
+        position = self._handle.tell()
+        with open(source, "rb") as handle:
+            copied = _kernel_copy(handle.fileno(), self._handle.fileno(), offset, position, nbytes)
+            if copied < nbytes:
+                self._handle.seek(position + copied)
+                handle.seek(offset + copied)
+                left = nbytes - copied
+                while left:
+                    piece = handle.read(min(left, COPY_CHUNK))
+                    if not piece:
+                        raise PersianQLoRAError(f"{source} is truncated: tensor {name} is incomplete")
+                    self._handle.write(piece)
+                    left -= len(piece)
+            else:
+                self._handle.seek(position + nbytes)
+        self._advance(name, nbytes)
+
+    def _start(self, name: str) -> PlannedTensor:
+        file_name, planned = self._queue[self._position]
+        if name != planned.name:
+            raise RuntimeError(f"shard writer: expected {planned.name}, got {name}")
         if file_name != self._file_name:
             self._open(file_name)
-        self._handle.write(data)
-        self._written += len(data)
+        return planned
+
+    def _advance(self, name: str, nbytes: int) -> None:
+        planned = self.current
+        self._written += nbytes
         if self._written > planned.nbytes:
             raise RuntimeError(f"shard writer: {name} got more bytes than its shape holds")
         if self._written == planned.nbytes:
@@ -240,14 +271,24 @@ class ShardWriter:
             self._handle = None
 
 
+def _kernel_copy(source: int, target: int, source_offset: int, target_offset: int, nbytes: int) -> int:
+    """Copy with ``os.copy_file_range`` (Linux); the bytes copied, fewer than asked (down to 0) where the system
+    or the file systems cannot (another OS, a kernel before 5.3 across file systems) or the source ends early."""
+    if not hasattr(os, "copy_file_range"):
+        return 0
+    done = 0
+    try:
+        while done < nbytes:
+            copied = os.copy_file_range(source, target, nbytes - done, source_offset + done, target_offset + done)
+            if copied == 0:  # end of the source file
+                break
+            done += copied
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+            raise
+    return done
+
+
 def copy_bytes(stored: StoredTensor, writer: ShardWriter, name: str) -> None:
-    """Write a stored tensor's bytes unchanged as the tensor ``name``, ``COPY_CHUNK`` bytes at a time."""
-    with open(stored.file, "rb") as handle:
-        handle.seek(stored.offset)
-        left = stored.nbytes
-        while left:
-            piece = handle.read(min(left, COPY_CHUNK))
-            if not piece:
-                raise PersianQLoRAError(f"{stored.file} is truncated: tensor {stored.name} is incomplete")
-            writer.write(name, piece)
-            left -= len(piece)
+    """Write a stored tensor's bytes unchanged as the tensor ``name``."""
+    writer.copy_range(name, stored.file, stored.offset, stored.nbytes)
