@@ -306,8 +306,9 @@ def write_output(output: OutputTensor, writer: ShardWriter) -> None:
     limit = torch.finfo(output.dtype).max
     for rows in output.blocks():
         block = output.merged(output.w0(rows), rows)
-        # One reduction checks both (NaN and inf propagate into it); torch.isfinite().all() costs six times as much
-        low, high = (float(v) for v in torch.aminmax(block))
+        # One reduction checks both (NaN and inf propagate into it); torch.isfinite().all() costs six times as much.
+        # An empty block has no extremes, and nothing to check.
+        low, high = (float(v) for v in torch.aminmax(block)) if block.numel() else (0.0, 0.0)
         if not (math.isfinite(low) and math.isfinite(high)):
             raise PersianQLoRAError(f"{output.name} is not finite in fp32; the adapter or the base is broken")
         if max(-low, high) > limit:
