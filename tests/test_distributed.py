@@ -102,3 +102,16 @@ def test_two_cpu_processes_train_on_different_shards_and_rank0_writes(tiny_gemma
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-3"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gemma3_path), output)
     assert any("lora_B" in name for name, _ in model.named_parameters())
+
+
+def test_a_rank_that_does_not_save_writes_nothing(tiny_gemma3_path, tmp_path, monkeypatch):
+    """Under DDP every rank calls ``_save``; only the writing rank creates the checkpoint folder. A rank that
+    wrote the base's provenance file into a folder rank 0 had not made yet crashed the run."""
+    from transformers import TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma3_path)
+    config = TrainConfig(output_dir=str(tmp_path / "out"), extra={"disable_tqdm": True})
+    trainer = make_trainer(build_lora_model(tiny_gemma3_path), tokenizer, conversations(tokenizer)[:2], config=config)
+    monkeypatch.setattr(TrainingArguments, "should_save", property(lambda self: False))
+    trainer.save_model(str(tmp_path / "checkpoint-1"))
+    assert not (tmp_path / "checkpoint-1").exists()

@@ -282,7 +282,7 @@ class _Trainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         loading = getattr(self.accelerator.unwrap_model(self.model), "base_loading", None)
-        if loading is not None:
+        if loading is not None and self.args.should_save:  # the writing rank only, as Trainer._save
             loading.save(output_dir or self.args.output_dir)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
