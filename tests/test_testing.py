@@ -113,3 +113,21 @@ def test_tiny_weights_depend_only_on_seed(tmp_path):
 def test_unknown_arch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny Gemma arch"):
         build_tiny_gemma(tmp_path, "llama")
+
+
+def test_vocab_size_is_the_models_rows_even_beyond_what_the_tokenizer_learns(tmp_path):
+    """Asking for Gemma-like width gives it: the corpus supports fewer tokens than the rows asked for, and the
+    model must still have every row (a throughput benchmark once measured an 8.5k-row head for a 262k one)."""
+    path = build_tiny_gemma(tmp_path, vocab_size=10_000)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert len(tokenizer) < 10_000
+    assert model.config.vocab_size == 10_000
+    assert model.get_output_embeddings().weight.shape[0] == 10_000
+    ids = tokenizer("سلام دنیا", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == 10_000
+
+
+def test_default_vocab_size_matches_the_tokenizer(tmp_path):
+    path = build_tiny_gemma(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == len(AutoTokenizer.from_pretrained(path))

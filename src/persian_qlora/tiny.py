@@ -211,6 +211,9 @@ def build_tiny_gemma(
     ``Gemma3nForConditionalGeneration`` with vision (timm) and audio towers ("gemma3n-multimodal": building it
     needs timm, ``pip install 'persian-qlora[multimodal]'``). Weights depend only on
     ``seed``; the generation config stops on both ``<eos>`` and ``<end_of_turn>``, as Gemma's does.
+    ``vocab_size`` is the model's vocabulary rows; the tokenizer learns up to that many tokens, as many as the
+    bundled corpus allows (8,517), and rows beyond its tokens are never produced by it, as Gemma's unused rows are
+    not (``vocab_size=262_144`` gives Gemma's LM-head width).
     ``config_overrides`` replace text-config fields (e.g. ``hidden_size=128, num_hidden_layers=4``); keep
     dimensions multiples of 64 for 4-bit on CPU.
     """
@@ -222,7 +225,7 @@ def build_tiny_gemma(
     model_class = getattr(transformers, class_name)
     save_dir = Path(save_dir)
     tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
-    config = _tiny_config(arch, len(tokenizer), tokenizer, config_overrides)
+    config = _tiny_config(arch, max(vocab_size, len(tokenizer)), tokenizer, config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config).to(dtype)
