@@ -128,6 +128,7 @@ def test_vocab_size_is_the_models_rows_even_beyond_what_the_tokenizer_learns(tmp
     assert model(ids).logits.shape[-1] == 10_000
 
 
-def test_default_vocab_size_matches_the_tokenizer(tmp_path):
-    path = build_tiny_gemma(tmp_path)
+@pytest.mark.parametrize("vocab_size", [2048, 400])  # the default; one below the tokenizer's alphabet (421 tokens)
+def test_every_token_has_exactly_one_row_when_the_corpus_allows_the_size(tmp_path, vocab_size):
+    path = build_tiny_gemma(tmp_path, vocab_size=vocab_size)
     assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == len(AutoTokenizer.from_pretrained(path))

@@ -211,9 +211,10 @@ def build_tiny_gemma(
     ``Gemma3nForConditionalGeneration`` with vision (timm) and audio towers ("gemma3n-multimodal": building it
     needs timm, ``pip install 'persian-qlora[multimodal]'``). Weights depend only on
     ``seed``; the generation config stops on both ``<eos>`` and ``<end_of_turn>``, as Gemma's does.
-    ``vocab_size`` is the model's vocabulary rows; the tokenizer learns up to that many tokens, as many as the
-    bundled corpus allows (8,517), and rows beyond its tokens are never produced by it, as Gemma's unused rows are
-    not (``vocab_size=262_144`` gives Gemma's LM-head width).
+    ``vocab_size`` is the model's vocabulary rows. The tokenizer learns that many tokens where the bundled corpus
+    allows (at most 8,517); rows beyond its tokens are never produced by it, as Gemma's unused rows are not
+    (``vocab_size=262_144`` gives Gemma's LM-head width). Below about 420 the tokenizer needs more tokens than
+    asked for (its alphabet), and the model gets a row for each.
     ``config_overrides`` replace text-config fields (e.g. ``hidden_size=128, num_hidden_layers=4``); keep
     dimensions multiples of 64 for 4-bit on CPU.
     """
