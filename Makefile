@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch for development and CI (both lie on this machine's disk): torchvision, which timm needs for the tiny Gemma 3n
 # multimodal fixture, exists here only beside torch 2.14.1 (a CUDA build; it runs on the CPU). The wheel check
 # installs the smaller CPU build. The package itself accepts a range.
-TORCH ?= torch==2.14.1 torchvision==0.29.1
+TORCH ?= torch==2.13.0+cpu
 WHEEL_TORCH ?= torch==2.13.0
 
 .PHONY: install real-extra demo demo-real test test-real lint bench bench-install docs package-check clean
