@@ -2,13 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch for development and CI (both lie on this machine's disk): torchvision, which timm needs for the tiny Gemma 3n
-# multimodal fixture, exists here only beside torch 2.14.1 (a CUDA build; it runs on the CPU). The wheel check
-# installs the smaller CPU build. The package itself accepts a range.
+# torch for development and CI: the CPU build (it lies on this machine's disk; elsewhere set TORCH= to a build your
+# index serves). The package itself accepts a range.
 TORCH ?= torch==2.13.0+cpu
+# timm, which only the tiny Gemma 3n multimodal test checkpoint needs, imports torchvision, and a torchvision that
+# imports exists here only beside torch 2.14.1, a CUDA build (it runs on the CPU): those tests get a venv of their own.
+MULTIMODAL_TORCH ?= torch==2.14.1 torchvision==0.29.1
 WHEEL_TORCH ?= torch==2.13.0
 
-.PHONY: install real-extra demo demo-real test test-real lint bench bench-install docs package-check clean
+.PHONY: install real-extra demo demo-real test test-multimodal test-real lint bench bench-install docs package-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,18 @@ test-real: real-extra
 
 test: install
 	$(BIN)/python -m pytest
+
+MULTIMODAL_VENV ?= .venv-multimodal
+$(MULTIMODAL_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(MULTIMODAL_VENV)
+	$(MULTIMODAL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MULTIMODAL_VENV)/bin/python -m pip install -q $(MULTIMODAL_TORCH)
+	$(MULTIMODAL_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[dev,multimodal]"
+	touch $@
+
+# The tests marked `multimodal` (the tiny Gemma 3n multimodal checkpoint, whose vision tower is a timm model).
+test-multimodal: $(MULTIMODAL_VENV)/.installed
+	$(MULTIMODAL_VENV)/bin/python -m pytest -m multimodal
 
 lint: install
 	$(BIN)/ruff check src tests examples benchmarks
@@ -78,4 +92,4 @@ package-check: install
 	cd build && ../$(WHEEL_VENV)/bin/persian-qlora demo --output-dir wheel-demo
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(MULTIMODAL_VENV) build dist src/*.egg-info .pytest_cache

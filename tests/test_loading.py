@@ -18,6 +18,7 @@ from persian_qlora.families import FAMILIES, family_of
 from persian_qlora.generation import evaluation_pairs, generate, load_for_inference
 from persian_qlora.loading import PROVENANCE_FILE, load_base, offload_per_layer_embeddings, read_provenance
 from persian_qlora.modeling import build_lora_model, build_qlora_model
+from persian_qlora.pytest_plugin import multimodal
 from persian_qlora.training import TrainConfig, make_trainer
 
 HUB = {
@@ -27,6 +28,7 @@ HUB = {
         ("vision_tower", "audio_tower", "embed_vision", "embed_audio"),
     ),
 }
+HUB_FIXTURES = ["tiny_gemma3_vision_hub_path", pytest.param("tiny_gemma3n_multimodal_hub_path", marks=multimodal)]
 
 
 def _model_type(path):
@@ -47,7 +49,7 @@ def _text_weights(path):
     return weights
 
 
-@pytest.mark.parametrize("fixture", HUB)
+@pytest.mark.parametrize("fixture", HUB_FIXTURES)
 @pytest.mark.parametrize("builder", [build_qlora_model, build_lora_model], ids=["qlora", "lora"])
 def test_a_multimodal_checkpoint_loads_its_language_model_alone(request, fixture, builder):
     path = request.getfixturevalue(fixture)
@@ -68,7 +70,7 @@ def test_a_multimodal_checkpoint_loads_its_language_model_alone(request, fixture
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("fixture", HUB)
+@pytest.mark.parametrize("fixture", HUB_FIXTURES)
 def test_the_whole_model_keeps_its_towers_frozen_unquantised_and_without_lora(request, fixture):
     path = request.getfixturevalue(fixture)
     _, towers = HUB[fixture]
@@ -83,7 +85,7 @@ def test_the_whole_model_keeps_its_towers_frozen_unquantised_and_without_lora(re
     assert not model.base_loading.text_only
 
 
-@pytest.mark.parametrize("fixture", HUB)
+@pytest.mark.parametrize("fixture", HUB_FIXTURES)
 def test_a_text_only_adapter_trains_saves_its_provenance_and_generates(request, fixture, tmp_path):
     path = request.getfixturevalue(fixture)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -127,6 +129,7 @@ except MissingExtraError as err:
 """
 
 
+@multimodal
 def test_gemma3n_text_only_needs_no_timm(tiny_gemma3n_multimodal_hub_path):
     done = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TIMM, str(tiny_gemma3n_multimodal_hub_path)],
@@ -145,7 +148,9 @@ def test_missing_extra_error_names_the_extra():
     assert "pip install 'persian-qlora[multimodal]'" in str(err)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_gemma3n_path", "tiny_gemma3n_multimodal_hub_path"])
+@pytest.mark.parametrize(
+    "fixture", ["tiny_gemma3n_path", pytest.param("tiny_gemma3n_multimodal_hub_path", marks=multimodal)]
+)
 def test_per_layer_embeddings_on_the_host_give_the_same_logits(request, fixture):
     """Only the looked-up rows travel; the logits are those of the model held in one place."""
     path = request.getfixturevalue(fixture)

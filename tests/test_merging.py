@@ -24,7 +24,6 @@ from persian_qlora.training import TrainConfig, make_trainer
 
 # Every tiny layout, with adapters trained on the language model alone (the default) or on the whole model.
 LAYOUTS = TINY_LAYOUTS
-LAYOUT_IDS = ["gemma3", "gemma3n", "gemma3-vision", "gemma3-vision-whole", "gemma3n-mm", "gemma3n-mm-whole"]
 PROBE = [{"role": "user", "content": "ایران کجاست؟"}, {"role": "assistant", "content": "در غرب آسیا."}]
 BF16_HALF_ULP = 2**-8  # bf16 keeps 8 significant bits: rounding moves a value by at most this share of it
 
@@ -107,7 +106,7 @@ def _as_trained(path, text_only):
     return load_base(path, text_only=text_only, dtype=torch.float32)[0]
 
 
-@pytest.mark.parametrize(("fixture", "text_only"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(("fixture", "text_only"), LAYOUTS)
 def test_an_original_merge_is_peft_merge_and_unload_and_ships_the_whole_checkpoint(
     request, fixture, text_only, tmp_path
 ):
@@ -193,7 +192,7 @@ def test_each_module_is_scaled_as_peft_scales_it(tiny_gemma3_path, tmp_path, ext
         torch.testing.assert_close(tensor, oracle[name], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize(("fixture", "text_only"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(("fixture", "text_only"), LAYOUTS)
 def test_an_nf4_merge_is_the_trained_qlora_model(request, fixture, text_only, tmp_path):
     """W0 is bitsandbytes' quantise→dequantise round trip with the recorded settings, for exactly the weights the
     real 4-bit load quantised; the <end_of_turn> row (trainable tokens) lands in the tied embedding; the merged

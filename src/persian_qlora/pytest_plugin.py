@@ -12,16 +12,26 @@ import pytest
 
 from persian_qlora.testing import build_hub_checkpoint, build_tiny_gemma, build_tiny_tokenizer
 
+# Building the tiny Gemma 3n multimodal checkpoint needs timm (its vision tower), which the default install leaves
+# out: tests that use it carry this marker, and `make test-multimodal` runs them in a venv with timm.
+multimodal = pytest.mark.multimodal
+
 # Every tiny layout a family-aware feature should be tested on, as (fixture name, text_only): text-only Gemma 3 and
 # 3n, and both multimodal hub layouts loaded as their language model alone (True) or whole (False).
 TINY_LAYOUTS = [
-    ("tiny_gemma3_path", True),
-    ("tiny_gemma3n_path", True),
-    ("tiny_gemma3_vision_hub_path", True),
-    ("tiny_gemma3_vision_hub_path", False),
-    ("tiny_gemma3n_multimodal_hub_path", True),
-    ("tiny_gemma3n_multimodal_hub_path", False),
+    pytest.param("tiny_gemma3_path", True, id="gemma3"),
+    pytest.param("tiny_gemma3n_path", True, id="gemma3n"),
+    pytest.param("tiny_gemma3_vision_hub_path", True, id="gemma3-vision"),
+    pytest.param("tiny_gemma3_vision_hub_path", False, id="gemma3-vision-whole"),
+    pytest.param("tiny_gemma3n_multimodal_hub_path", True, id="gemma3n-mm", marks=multimodal),
+    pytest.param("tiny_gemma3n_multimodal_hub_path", False, id="gemma3n-mm-whole", marks=multimodal),
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "multimodal: needs the tiny Gemma 3n multimodal checkpoint, whose vision tower needs timm"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,5 +68,6 @@ def tiny_gemma3_vision_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="session")
 def tiny_gemma3n_multimodal_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny whole ``Gemma3nForConditionalGeneration`` (timm vision tower, audio tower) in
-    ``google/gemma-3n-E4B-it``'s layout. Building it needs timm."""
+    ``google/gemma-3n-E4B-it``'s layout. Building it needs timm; mark tests that use it ``multimodal``."""
+    pytest.importorskip("timm", reason="the tiny Gemma 3n vision tower is a timm model: pip install 'persian-qlora[multimodal]'")
     return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma3n-multimodal-hub"), "gemma3n-multimodal")
