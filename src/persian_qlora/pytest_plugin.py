@@ -69,5 +69,7 @@ def tiny_gemma3_vision_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Pat
 def tiny_gemma3n_multimodal_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny whole ``Gemma3nForConditionalGeneration`` (timm vision tower, audio tower) in
     ``google/gemma-3n-E4B-it``'s layout. Building it needs timm; mark tests that use it ``multimodal``."""
-    pytest.importorskip("timm", reason="the tiny Gemma 3n vision tower is a timm model: pip install 'persian-qlora[multimodal]'")
+    pytest.importorskip(
+        "timm", reason="the Gemma 3n vision tower is a timm model: pip install 'persian-qlora[multimodal]'"
+    )
     return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma3n-multimodal-hub"), "gemma3n-multimodal")
