@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0+cpu
 MULTIMODAL_TORCH ?= torch==2.14.1 torchvision==0.29.1
 WHEEL_TORCH ?= torch==2.13.0
 
-.PHONY: install real-extra demo demo-real test test-multimodal test-real lint bench bench-install docs package-check clean
+.PHONY: install real-extra demo demo-real test test-multimodal test-llama test-real lint bench bench-install docs package-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ $(MULTIMODAL_VENV)/.installed: pyproject.toml constraints.txt
 	$(MULTIMODAL_VENV)/bin/python -m pip install -q $(MULTIMODAL_TORCH)
 	$(MULTIMODAL_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[dev,multimodal]"
 	touch $@
+
+# The tests marked `llama`: exported GGUF files run in llama.cpp itself. The extra builds llama.cpp from source on
+# its first install (about half an hour on 2 cores); pip caches the built wheel for later installs.
+$(VENV)/.llama-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,llama]"
+	touch $@
+
+test-llama: $(VENV)/.llama-installed
+	$(BIN)/python -m pytest -m llama
 
 # The tests marked `multimodal` (the tiny Gemma 3n multimodal checkpoint, whose vision tower is a timm model).
 test-multimodal: $(MULTIMODAL_VENV)/.installed

@@ -403,3 +403,97 @@ def test_the_real_gemma3_270m_exports_as_its_original_gguf_and_keeps_its_perplex
     got = perplexity(model, gguf_tokenizer, PersianChatDataset.bundled(gguf_tokenizer, split="test"))
     print(f"perplexity on the bundled test split: checkpoint {expected:.4f}, GGUF read back {got:.4f}")
     assert abs(got - expected) <= 0.01 * expected
+
+
+# Inside llama.cpp itself, the program users run: the `llama` extra (llama-cpp-python, which builds llama.cpp from
+# its source on install), `make test-llama`. Without it these tests skip.
+LLAMA_REASON = "needs llama.cpp: pip install 'persian-qlora[llama]' (make test-llama)"
+# Of the largest |logit| over the probes, measured on the tiny model: bf16 (a bf16 checkpoint) and f16 within
+# llama.cpp's own f32 arithmetic; q8_0 adds 8-bit weights.
+LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 5e-2}
+PROBE_TEXTS = [*PERSIAN_TEXTS, "ي و ك عربی، ۰۱۲۳۴۵۶۷۸۹ و 0123456789 🙂👍🏽\n\nخط سوم", "<start_of_turn>user\nسلام"]
+
+
+def _llama(path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, n_threads=2, verbose=False)
+
+
+def _llama_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+@pytest.mark.llama
+def test_llama_cpp_splits_persian_text_into_the_checkpoints_ids(checkpoint, exported):
+    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(exported["bf16"].path)
+    conversation = [{"role": "system", "content": "کوتاه پاسخ بده."}, {"role": "user", "content": PERSIAN_TEXTS[0]}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    for text in [*PROBE_TEXTS, rendered]:
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
+    assert llm.tokenize(b"x", add_bos=True, special=True)[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("quantization", list(LLAMA_LOGIT_SHARE))
+def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, exported, conversations):
+    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(exported[quantization].path)
+    original = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    largest, error = 0.0, 0.0
+    for conversation in conversations:
+        ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            expected = original(input_ids=ids).logits[0]
+        got = _llama_logits(llm, ids[0].tolist())
+        largest, error = max(largest, float(expected.abs().max())), max(error, float((expected - got).abs().max()))
+    print(f"{quantization}: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
+    assert error <= LLAMA_LOGIT_SHARE[quantization] * largest
+
+
+PROBE_TURN = [{"role": "user", "content": "سلام! حالت چطور است؟"}]
+
+
+@pytest.fixture(scope="module")
+def ends_turns(checkpoint, tmp_path_factory):
+    """The tiny checkpoint with its (tied) <end_of_turn> row made to win a greedy step after the first few, so that
+    greedy replies end their turn after a few tokens, as a fine-tuned model's do: the row is orthogonal to the LM
+    head's inputs at the first three steps and long enough to beat every other logit at the fourth in fp32 (bf16
+    storage may move the win a step later)."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    ids = tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    head, captured = model.get_output_embeddings(), {}
+    with torch.no_grad():
+        three = model.generate(**ids, max_new_tokens=3, do_sample=False)
+        hook = head.register_forward_hook(lambda module, args, out: captured.update(inputs=args[0][0, -4:]))
+        model(input_ids=three)  # the head's inputs where the first four new tokens are chosen
+        hook.remove()
+        earlier, fourth = captured["inputs"][:3], captured["inputs"][3]
+        basis, _ = torch.linalg.qr(earlier.T)
+        away = fourth - basis @ (basis.T @ fourth)
+        head.weight[tokenizer.convert_tokens_to_ids("<end_of_turn>")] = (
+            away * ((head.weight @ fourth).max() + 1.0) / away.dot(fourth)
+        )
+    directory = tmp_path_factory.mktemp("ends-turns")
+    model.to(torch.bfloat16).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return export_gguf(directory, directory / "ends-turns.bf16.gguf"), directory
+
+
+@pytest.mark.llama
+def test_llama_cpp_ends_a_greedy_reply_on_end_of_turn_where_transformers_does(ends_turns):
+    result, directory = ends_turns
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_dict=True)["input_ids"]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    with torch.no_grad():
+        new = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn)
+    reply = new[0, len(prompt) :].tolist()
+    assert reply[-1] == end_of_turn and 3 < len(reply) < 12  # transformers stops on it, after a few tokens
+    llm = _llama(result.path)
+    completion = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1)["choices"][0]
+    assert completion["finish_reason"] == "stop"
+    assert llm.tokenize(completion["text"].encode(), add_bos=False, special=True) == reply[:-1]
