@@ -408,15 +408,28 @@ def test_the_real_gemma3_270m_exports_as_its_original_gguf_and_keeps_its_perplex
 # Inside llama.cpp itself, the program users run: the `llama` extra (llama-cpp-python, which builds llama.cpp from
 # its source on install), `make test-llama`. Without it these tests skip.
 LLAMA_REASON = "needs llama.cpp: pip install 'persian-qlora[llama]' (make test-llama)"
-# Of the largest |logit| over the probes, measured on the tiny model: bf16 (a bf16 checkpoint) and f16 within
-# llama.cpp's own f32 arithmetic; q8_0 adds 8-bit weights.
-LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 5e-2}
+# Bounds on the error as a share of the largest |logit| over the probes. Measured on the tiny model (largest |logit|
+# 0.83): bf16 8.8e-3 (llama.cpp rounds the activations to bf16 for bf16 weights), f16 1.5e-3, q8_0 4.1e-2 (8-bit
+# weights, and activations rounded to 8 bits for the dot products).
+LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1}
 PROBE_TEXTS = [*PERSIAN_TEXTS, "ي و ك عربی، ۰۱۲۳۴۵۶۷۸۹ و 0123456789 🙂👍🏽\n\nخط سوم", "<start_of_turn>user\nسلام"]
 
 
 def _llama(path):
+    """The file loaded in llama.cpp on the CPU, with its plain kernels: llama-cpp-python 0.3.36's Intel AMX kernel
+    (an "extra buffer type", on Sapphire Rapids and later) crashes on the tiny model's Q8_0 matmuls, also on a file
+    quantised by llama.cpp's own llama_model_quantize; the plain kernels run the same file."""
     llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
-    return llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, n_threads=2, verbose=False)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_kernels():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as patch:  # Llama() takes no such argument; it reads these defaults
+        patch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain_kernels)
+        return llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, n_threads=2, verbose=False)
 
 
 def _llama_logits(llm, ids):
@@ -433,7 +446,8 @@ def test_llama_cpp_splits_persian_text_into_the_checkpoints_ids(checkpoint, expo
     for text in [*PROBE_TEXTS, rendered]:
         expected = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
-    assert llm.tokenize(b"x", add_bos=True, special=True)[0] == tokenizer.bos_token_id
+        # With the tokenizer's own specials: a <bos> exactly where the checkpoint's tokenizer adds one.
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
 
 
 @pytest.mark.llama
