@@ -248,7 +248,7 @@ def check_data_format(data_format: str | None) -> None:
         )
 
 
-def record_format(record: Any, where: str, names: Mapping[str, str], data_format: str | None = None) -> str:
+def _record_format(record: Any, where: str, names: Mapping[str, str], data_format: str | None = None) -> str:
     """The format of one record: ``data_format`` when given (its fields must be there), else detected from its
     fields (a field holding None counts as absent, as in a ``datasets`` table of mixed rows)."""
     if not isinstance(record, Mapping):
@@ -453,7 +453,7 @@ def clean_conversation(
     """
     counts = counts if counts is not None else CleaningCounts()
     names = check_columns(columns)
-    data_format = record_format(record, where, names, data_format)  # type: ignore[assignment]
+    data_format = _record_format(record, where, names, data_format)  # type: ignore[assignment]
     messages: list[dict[str, Any]] = []
     for source_field, index, message in _record_turns(record, data_format, names, where):
         if not isinstance(message, Mapping):
@@ -648,7 +648,7 @@ class PersianChatDataset(torch.utils.data.Dataset):
             try:
                 if isinstance(record, InvalidRecordError):
                     raise record
-                this_format = record_format(record, where, names, data_format)
+                this_format = _record_format(record, where, names, data_format)
                 if found is None:
                     found = (this_format, where)
                     logger.info("data format: %s (%s %s)", this_format, "given" if data_format else "from", where)
