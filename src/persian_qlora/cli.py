@@ -347,10 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="fine-tune with QLoRA or LoRA",
-        description="Fine-tune with QLoRA or LoRA. Settings: the reference recipe, then --config YAML, then "
-        "--key value overrides (any RunConfig/TrainConfig field, lora_r/lora_alpha/lora_dropout/"
-        "lora_target_modules, or any transformers TrainingArguments field), e.g. --eval_fraction 0.05 "
-        "--early_stopping_patience 3 --load_best_model_at_end true --on_error skip.",
+        description="Fine-tune with QLoRA or LoRA. Settings: the reference recipe, then --config YAML (flat, or "
+        "in model:/data:/lora:/train: sections; examples/run.yaml sets every one), then --key value overrides (any "
+        "RunConfig/TrainConfig field, lora_r/lora_alpha/lora_dropout/lora_target_modules, or any transformers "
+        "TrainingArguments field), e.g. --eval_fraction 0.05 --early_stopping_patience 3 --load_best_model_at_end "
+        "true --on_error skip; data: --data-format alpaca --columns '{instruction: q, output: a}' --normalize "
+        "false; model: --attn-implementation eager --text-only false --device-map auto "
+        "--per-layer-embeddings-on-host false; logs: --report-to tensorboard. Unknown keys are refused.",
     )
     _add_run_options(train, "offline preset: tiny random Gemma 3 + bundled corpus")
     train.add_argument("--method", choices=["qlora", "lora"], help="default: qlora")
