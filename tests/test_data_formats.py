@@ -108,7 +108,8 @@ def test_every_format_reads_as_its_messages_record(tiny_tokenizer, data_format, 
 
 def test_detection_prefers_messages_over_other_columns(tiny_tokenizer):
     # HuggingFaceH4/ultrachat_200k carries a "prompt" column beside its "messages"; None-valued fields are absent.
-    record = {**_messages(("user", QUESTION), ("assistant", ANSWER)), "prompt": QUESTION, "instruction": None}
+    record = {**_messages(("user", QUESTION), ("assistant", ANSWER)), "prompt": QUESTION, "completion": ANSWER}
+    record["instruction"] = None
     assert PersianChatDataset([record], tiny_tokenizer).stats.data_format == "messages"
 
 
