@@ -75,6 +75,19 @@ CASES = [
         None,
     ),
     (
+        "alpaca",  # LLaMA-Factory's history: earlier [instruction, output] pairs
+        {"instruction": QUESTION, "output": ANSWER, "history": [["سلام", "درود!"], ["حالت چطوره؟", "خوبم."]]},
+        _messages(
+            ("user", "سلام"),
+            ("assistant", "درود!"),
+            ("user", "حالت چطوره؟"),
+            ("assistant", "خوبم."),
+            ("user", QUESTION),
+            ("assistant", ANSWER),
+        ),
+        None,
+    ),
+    (
         "alpaca",  # a dataset's own field names, mapped with columns=
         {"soal": QUESTION, "matn": CONTEXT, "javab": ANSWER},
         _messages(("user", f"{QUESTION}\n{CONTEXT}"), ("assistant", ANSWER)),
@@ -88,7 +101,7 @@ CASES = [
     ),
 ]
 IDS = ["sharegpt", "prompt-completion", "prompt-completion-conversational", "alpaca", "alpaca-no-input"]
-IDS += ["alpaca-columns", "messages-columns"]
+IDS += ["alpaca-history", "alpaca-columns", "messages-columns"]
 
 
 @pytest.mark.parametrize(("data_format", "record", "equivalent", "columns"), CASES, ids=IDS)
@@ -147,9 +160,19 @@ def test_mixed_formats_are_refused_naming_the_record_or_skipped(tiny_tokenizer):
         ({"instruction": ["x"], "output": ANSWER}, "unsupported content part", "record 1, field 'instruction'"),
         ({"instruction": "<start_of_turn>", "output": ANSWER}, "control token in content", "field 'instruction'"),
         ({"instruction": QUESTION, "output": "   "}, "no model turn", ""),
+        (
+            {"instruction": QUESTION, "output": ANSWER, "history": ["سلام"]},
+            "history not pairs",
+            "field 'history': must",
+        ),
+        (
+            {"instruction": QUESTION, "output": ANSWER, "history": [["سلام", 5]]},
+            "content not text",
+            "'history', message 1",
+        ),
     ],
     ids=["prompt-alone", "misspelt-field", "completion-null", "shapes-differ", "completion-number", "instruction-list"]
-    + ["control-token", "empty-output"],
+    + ["control-token", "empty-output", "history-not-pairs", "history-answer-number"],
 )
 def test_bad_records_in_each_format_name_the_record_and_field(tiny_tokenizer, record, reason, text):
     good = (

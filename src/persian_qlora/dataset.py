@@ -61,8 +61,9 @@ _FORMAT_NAMES = {
     "prompt_completion": "TRL prompt-completion",
     "alpaca": "Alpaca",
 }
-# The fields `columns=` can map from a dataset's own names; "input" and "system" are Alpaca's optional ones.
-_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "system")
+# The fields `columns=` can map from a dataset's own names; "input", "system" and "history" (LLaMA-Factory's earlier
+# [instruction, output] pairs) are Alpaca's optional ones.
+_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "system", "history")
 
 _ROLE_ALIASES = {
     "system": "system",
@@ -339,6 +340,18 @@ def _record_turns(
     turns: list[tuple[str | None, int | None, Any]] = []
     if text.get("system", "").strip():
         turns.append((names["system"], None, {"role": "system", "content": text["system"]}))
+    history = record.get(names["history"])
+    if history is not None:
+        if not (isinstance(history, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in history)):
+            raise InvalidRecordError(
+                where,
+                "history not pairs",
+                "must be a list of [instruction, output] pairs, the earlier turns of the conversation",
+                field=names["history"],
+            )
+        for index, (earlier, answer) in enumerate(history):
+            turns.append((names["history"], 2 * index, {"role": "user", "content": earlier}))
+            turns.append((names["history"], 2 * index + 1, {"role": "assistant", "content": answer}))
     if text.get("input", "").strip():
         label, prompt = f"{names['instruction']}+{names['input']}", f"{text['instruction']}\n{text['input']}"
     else:
@@ -425,7 +438,7 @@ def clean_conversation(
     record: Any,
     *,
     where: str = "record",
-    data_format: DataFormat | None = None,
+    data_format: str | None = None,
     columns: Mapping[str, str] | None = None,
     normalizer: NormalizerConfig | None = DEFAULT_NORMALIZER,
     system_policy: Literal["fold", "error"] = "fold",
@@ -453,9 +466,9 @@ def clean_conversation(
     """
     counts = counts if counts is not None else CleaningCounts()
     names = check_columns(columns)
-    data_format = _record_format(record, where, names, data_format)  # type: ignore[assignment]
+    found_format = _record_format(record, where, names, data_format)
     messages: list[dict[str, Any]] = []
-    for source_field, index, message in _record_turns(record, data_format, names, where):
+    for source_field, index, message in _record_turns(record, found_format, names, where):
         if not isinstance(message, Mapping):
             raise InvalidRecordError(
                 where,
@@ -663,7 +676,7 @@ class PersianChatDataset(torch.utils.data.Dataset):
                 conversation = clean_conversation(
                     record,
                     where=where,
-                    data_format=this_format,  # type: ignore[arg-type]
+                    data_format=this_format,
                     columns=columns,
                     normalizer=normalize,
                     system_policy=system_policy,
