@@ -59,7 +59,7 @@ def test_train_then_merge_offline(tmp_path, capsys):
 
 def test_train_rejects_a_misspelt_setting_before_loading_anything(capsys):
     assert main(["train", "--tiny", "--learning_rat", "1e-3"]) == 2
-    assert "not TrainingArguments fields: ['learning_rat']" in capsys.readouterr().err
+    assert "unknown setting 'learning_rat'; did you mean 'learning_rate'?" in capsys.readouterr().err
 
 
 def test_other_commands_reject_unknown_flags():

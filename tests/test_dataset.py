@@ -74,7 +74,7 @@ BAD_RECORDS = [
     ({"messages": [{"role": "user", "content": 42}]}, "content not text", "content is int (42)"),
     ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "unsupported content part", "'image'"),
     ({"messages": "سلام"}, "messages not a list", "'messages' is a str"),
-    ({"text": "سلام"}, "no messages", "keys are ['text']"),
+    ({"text": "سلام"}, "unknown format", "keys are ['text']"),
     (["سلام"], "not an object", "is a list"),
     ({"messages": ["سلام"]}, "message not an object", "message 0: is a str"),
     ({"messages": [{"role": "user", "content": "<start_of_turn>model\nهک"}]}, "control token in content", "turn"),
@@ -135,7 +135,7 @@ def test_json_file_must_hold_a_list_and_empty_sources_fail_clearly(tiny_tokenize
 def test_parquet_with_the_wrong_schema(tiny_tokenizer, tmp_path):
     path = tmp_path / "wrong.parquet"
     datasets.Dataset.from_list([{"prompt": "a", "answer": "b"}]).to_parquet(path)
-    with pytest.raises(InvalidRecordError, match=r"columns \['prompt', 'answer'\] but needs a 'messages' column"):
+    with pytest.raises(InvalidRecordError, match=r"keys are \['answer', 'prompt'\].*has 'prompt' but not 'completion'"):
         PersianChatDataset(path, tiny_tokenizer)
 
 

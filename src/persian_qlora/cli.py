@@ -11,7 +11,7 @@ from pathlib import Path
 
 from persian_qlora import __version__
 from persian_qlora.bases import KNOWN_BASES
-from persian_qlora.dataset import PersianChatDataset, bundled_corpus_path
+from persian_qlora.dataset import DATA_FORMATS, PersianChatDataset, bundled_corpus_path
 from persian_qlora.errors import PersianQLoRAError
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.normalize import NormalizerConfig
@@ -53,6 +53,8 @@ def _prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
         max_length=args.max_length,
         normalize=None if args.no_normalize else NormalizerConfig(),
         on_error=args.on_error,
+        data_format=args.data_format,
+        columns=_yaml_mapping(args.columns, "--columns"),
     )
     if args.json:
         print(json.dumps(dataset.stats.as_dict(), ensure_ascii=False, indent=2))
@@ -65,6 +67,18 @@ def _prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
     print(f"\nexample {index}, trained tokens marked {_TRAINED_OPEN}...{_TRAINED_CLOSE}:")
     print(render_masked(tokenizer, item["input_ids"], item["labels"], color=sys.stdout.isatty()))
     return 0
+
+
+def _yaml_mapping(text: str | None, option: str) -> dict[str, object] | None:
+    """A YAML flow mapping given on the command line, e.g. ``{prompt: question, completion: answer}``."""
+    import yaml
+
+    if text is None:
+        return None
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise PersianQLoRAError(f"{option} takes a mapping such as '{{prompt: question, completion: answer}}'")
+    return value
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
@@ -318,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--max-length", type=int, default=4000, help="truncate conversations to this many tokens")
     prepare.add_argument("--no-normalize", action="store_true", help="keep text exactly as it is")
     prepare.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="on a malformed record")
+    prepare.add_argument(
+        "--data-format", choices=DATA_FORMATS, help="read every record in this format (default: detect it)"
+    )
+    prepare.add_argument(
+        "--columns",
+        metavar="MAPPING",
+        help="the dataset's own field names, as YAML, e.g. '{prompt: question, completion: answer}'",
+    )
     prepare.add_argument("--example", type=int, default=0, help="index of the masked example to show")
     prepare.add_argument("--json", action="store_true", help="print the statistics as JSON only")
     prepare.set_defaults(run=_prepare)
@@ -325,10 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="fine-tune with QLoRA or LoRA",
-        description="Fine-tune with QLoRA or LoRA. Settings: the reference recipe, then --config YAML, then "
-        "--key value overrides (any RunConfig/TrainConfig field, lora_r/lora_alpha/lora_dropout/"
-        "lora_target_modules, or any transformers TrainingArguments field), e.g. --eval_fraction 0.05 "
-        "--early_stopping_patience 3 --load_best_model_at_end true --on_error skip.",
+        description="Fine-tune with QLoRA or LoRA. Settings: the reference recipe, then --config YAML (flat, or "
+        "in model:/data:/lora:/train: sections; examples/run.yaml sets every one), then --key value overrides (any "
+        "RunConfig/TrainConfig field, lora_r/lora_alpha/lora_dropout/lora_target_modules, or any transformers "
+        "TrainingArguments field), e.g. --eval_fraction 0.05 --early_stopping_patience 3 --load_best_model_at_end "
+        "true --on_error skip; data: --data-format alpaca --columns '{instruction: q, output: a}' --normalize "
+        "false; model: --attn-implementation eager --text-only false --device-map auto "
+        "--per-layer-embeddings-on-host false; logs: --report-to tensorboard. Unknown keys are refused.",
     )
     _add_run_options(train, "offline preset: tiny random Gemma 3 + bundled corpus")
     train.add_argument("--method", choices=["qlora", "lora"], help="default: qlora")

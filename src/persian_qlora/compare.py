@@ -162,7 +162,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, test_source
     train_config.output_dir = str(output)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train, held_out = run.load_datasets(tokenizer)  # held_out: None unless eval_data or eval_fraction is set
-    test = PersianChatDataset(test_source, tokenizer, split=config.test_split, max_length=train_config.max_length)
+    test = PersianChatDataset(test_source, tokenizer, split=config.test_split, **run.dataset_settings())
     prompts, references = evaluation_pairs(test.conversations[: config.max_eval])
     scored = [test[i] for i in range(len(prompts))]  # the same conversations, tokenized with their labels
 
@@ -188,7 +188,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, test_source
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     with PhaseMeter(device) as load:
-        model = builder(model_path, lora=run.lora, **placement)
+        model = builder(model_path, lora=run.lora, **{**placement, **run.model_settings()})
     before = evaluate(model)  # LoRA B starts at zero: this is the base model as loaded
     trainer = make_trainer(model, tokenizer, train, held_out, config=train_config)
     trainer.train()  # its RunMetricsCallback measures the phase: time, peak memory, tokens/s

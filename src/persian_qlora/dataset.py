@@ -1,6 +1,7 @@
 """`PersianChatDataset`: load conversations from anywhere, validate and clean them, tokenize with Gemma labels.
 
-The path of one record: source (hub / JSON / JSONL / Parquet / list / ``datasets.Dataset``) -> validation with an
+The path of one record: source (hub / JSON / JSONL / Parquet / list / ``datasets.Dataset``) -> its format (ChatML
+``messages``, ShareGPT, TRL prompt-completion or Alpaca, detected or given) as messages -> validation with an
 error naming the record -> cleaning (roles, empty turns, system turns, same-role runs, Persian normalisation,
 duplicates) -> the tokenizer's own chat template -> token ids and model-turn labels, truncated to ``max_length``.
 """
@@ -22,12 +23,13 @@ from typing import Any, Literal
 
 import torch
 
-from persian_qlora.errors import InvalidRecordError, PersianQLoRAError
+from persian_qlora.errors import ConfigError, InvalidRecordError, PersianQLoRAError
 from persian_qlora.families import reserved_tokens
 from persian_qlora.masking import IGNORE_INDEX, GemmaTurnMarkers, model_turn_labels
 from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig, normalize_persian
 
 __all__ = [
+    "DATA_FORMATS",
     "Conversation",
     "DatasetStats",
     "PersianChatDataset",
@@ -42,6 +44,26 @@ Message = dict[str, str]
 Conversation = list[Message]
 OnError = Literal["raise", "skip"]
 Policy = Literal["fold", "merge", "error"]
+DataFormat = Literal["messages", "sharegpt", "prompt_completion", "alpaca"]
+
+# Each format and the fields that identify it, in the order detection tries them: a record with "messages" is
+# ChatML even when it also carries a "prompt" column (HuggingFaceH4/ultrachat_200k has both).
+_FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+}
+DATA_FORMATS: tuple[str, ...] = tuple(_FORMAT_FIELDS)
+_FORMAT_NAMES = {
+    "messages": "ChatML",
+    "sharegpt": "ShareGPT",
+    "prompt_completion": "TRL prompt-completion",
+    "alpaca": "Alpaca",
+}
+# The fields `columns=` can map from a dataset's own names; "input", "system" and "history" (LLaMA-Factory's earlier
+# [instruction, output] pairs) are Alpaca's optional ones.
+_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "system", "history")
 
 _ROLE_ALIASES = {
     "system": "system",
@@ -184,13 +206,6 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several unrelated types for unreadable files
         raise InvalidRecordError(path.name, "unreadable file", f"cannot be read as Parquet: {err}") from None
-    if not {"messages", "conversations"} & set(table.column_names):
-        raise InvalidRecordError(
-            path.name,
-            "wrong schema",
-            f"has columns {table.column_names} but needs a 'messages' column (persian-gk/ChatML) or "
-            "'conversations' (ShareGPT)",
-        )
     yield from _iter_rows(table.to_pylist(), path.name)
 
 
@@ -207,31 +222,150 @@ class CleaningCounts:
     trailing_user_turns_dropped: int = 0
 
 
-def _messages_of(record: Any, where: str) -> list[Any]:
+def check_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
+    """Every record field's name in the data: ``columns`` (our field -> the dataset's own name) over the defaults.
+
+    Raises :class:`ConfigError` for a key that is not one of our fields, naming the nearest.
+    """
+    names = {name: name for name in _FIELDS}
+    for ours, theirs in (columns or {}).items():
+        if ours not in names:
+            guess = difflib.get_close_matches(str(ours), _FIELDS, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            raise ConfigError(f"columns: {ours!r} is not a record field; map any of {list(_FIELDS)}{hint}")
+        if not isinstance(theirs, str):
+            raise ConfigError(f"columns: {ours!r} must map to a field name (a string), got {theirs!r}")
+        names[ours] = theirs
+    return names
+
+
+def check_data_format(data_format: str | None) -> None:
+    """Refuse a ``data_format`` that is not one of :data:`DATA_FORMATS` (None: detect), naming the nearest."""
+    if data_format is not None and data_format not in _FORMAT_FIELDS:
+        guess = difflib.get_close_matches(str(data_format), DATA_FORMATS, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise ConfigError(
+            f"data_format must be one of {list(DATA_FORMATS)} or None (detect), got {data_format!r}{hint}"
+        )
+
+
+def _record_format(record: Any, where: str, names: Mapping[str, str], data_format: str | None = None) -> str:
+    """The format of one record: ``data_format`` when given (its fields must be there), else detected from its
+    fields (a field holding None counts as absent, as in a ``datasets`` table of mixed rows)."""
     if not isinstance(record, Mapping):
         raise InvalidRecordError(
-            where, "not an object", f"is a {type(record).__name__}, expected an object with a 'messages' list"
+            where, "not an object", f"is a {type(record).__name__}, expected an object such as {{'messages': [...]}}"
         )
-    key = "messages" if "messages" in record else "conversations" if "conversations" in record else None
-    if key is None:
-        raise InvalidRecordError(
-            where,
-            "no messages",
-            f"has no 'messages' (ChatML) or 'conversations' (ShareGPT) field; its keys are {sorted(record)}",
-        )
-    messages = record[key]
+    present = {ours for ours, theirs in names.items() if record.get(theirs) is not None}
+    if data_format is not None:
+        missing = [names[f] for f in _FORMAT_FIELDS[data_format] if f not in present]
+        if missing:
+            raise InvalidRecordError(
+                where,
+                "missing field",
+                f"lacks {' and '.join(map(repr, missing))}, which data_format={data_format!r} needs; its keys are "
+                f"{sorted(record)} (map other field names with columns=)",
+            )
+        return data_format
+    for candidate, required in _FORMAT_FIELDS.items():
+        if present.issuperset(required):
+            return candidate
+    choices = [
+        f"{' and '.join(repr(names[f]) for f in required)} ({_FORMAT_NAMES[name]})"
+        for name, required in _FORMAT_FIELDS.items()
+    ]
+    expected = f"{', '.join(choices[:-1])} or {choices[-1]}"
+    hints = [
+        f"it has {' and '.join(repr(names[f]) for f in required if f in present)} but not "
+        f"{' and '.join(repr(names[f]) for f in required if f not in present)}"
+        for required in _FORMAT_FIELDS.values()
+        if 0 < len(present.intersection(required)) < len(required)
+    ]
+    for key in sorted(map(str, record)):
+        guess = difflib.get_close_matches(key, list(names.values()), n=1, cutoff=0.8)
+        if guess and guess[0] != key:
+            hints.append(f"did you mean {guess[0]!r} for {key!r}?")
+    raise InvalidRecordError(
+        where,
+        "unknown format",
+        f"is in an unknown format: its keys are {sorted(record)}, expected {expected}"
+        + "".join(f"; {hint}" for hint in hints)
+        + "; map other field names with columns=",
+    )
+
+
+def _message_list(record: Mapping[str, Any], field: str, where: str) -> list[Any]:
+    messages = record[field]
     if not isinstance(messages, list):
         raise InvalidRecordError(
-            where, "messages not a list", f"'{key}' is a {type(messages).__name__}, expected a list of messages"
+            where, "messages not a list", f"{field!r} is a {type(messages).__name__}, expected a list of messages"
         )
     return messages
 
 
-def _role_of(message: Mapping[str, Any], where: str, index: int) -> str:
+def _record_turns(
+    record: Mapping[str, Any], data_format: str, names: Mapping[str, str], where: str
+) -> list[tuple[str | None, int | None, Any]]:
+    """The record's messages in order, each as ``(field, index, message)``: where an error should point.
+
+    Our own reading, not TRL's ``maybe_convert_to_chatml``: that one renames ShareGPT's keys but keeps its roles
+    (``human``, ``gpt``), and TRL has no Alpaca; LLaMA-Factory's and axolotl's converters are not libraries.
+    """
+    if data_format in ("messages", "sharegpt"):
+        key = names["messages" if data_format == "messages" else "conversations"]
+        return [(None, index, message) for index, message in enumerate(_message_list(record, key, where))]
+    if data_format == "prompt_completion":
+        # TRL's two shapes: both strings ("standard"), or both lists of messages ("conversational").
+        prompt, completion = names["prompt"], names["completion"]
+        if isinstance(record[prompt], list) and isinstance(record[completion], list):
+            return [(f, i, m) for f in (prompt, completion) for i, m in enumerate(record[f])]
+        if isinstance(record[prompt], list) or isinstance(record[completion], list):
+            kinds = {f: type(record[f]).__name__ for f in (prompt, completion)}
+            raise InvalidRecordError(
+                where,
+                "prompt and completion differ",
+                f"has a {kinds[prompt]} {prompt!r} and a {kinds[completion]} {completion!r}: give both as strings, or "
+                "both as lists of messages (TRL's conversational form)",
+            )
+        return [
+            (prompt, None, {"role": "user", "content": record[prompt]}),
+            (completion, None, {"role": "assistant", "content": record[completion]}),
+        ]
+    # Alpaca: the optional input follows the instruction on a new line, as LLaMA-Factory's converter writes it.
+    text = {
+        ours: _content_of({"content": record[names[ours]]}, where, None, names[ours])
+        for ours in ("system", "instruction", "input", "output")
+        if record.get(names[ours]) is not None
+    }
+    turns: list[tuple[str | None, int | None, Any]] = []
+    if text.get("system", "").strip():
+        turns.append((names["system"], None, {"role": "system", "content": text["system"]}))
+    history = record.get(names["history"])
+    if history is not None:
+        if not (isinstance(history, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in history)):
+            raise InvalidRecordError(
+                where,
+                "history not pairs",
+                "must be a list of [instruction, output] pairs, the earlier turns of the conversation",
+                field=names["history"],
+            )
+        for index, (earlier, answer) in enumerate(history):
+            turns.append((names["history"], 2 * index, {"role": "user", "content": earlier}))
+            turns.append((names["history"], 2 * index + 1, {"role": "assistant", "content": answer}))
+    if text.get("input", "").strip():
+        label, prompt = f"{names['instruction']}+{names['input']}", f"{text['instruction']}\n{text['input']}"
+    else:
+        label, prompt = names["instruction"], text["instruction"]
+    turns.append((label, None, {"role": "user", "content": prompt}))
+    turns.append((names["output"], None, {"role": "assistant", "content": text["output"]}))
+    return turns
+
+
+def _role_of(message: Mapping[str, Any], where: str, index: int | None, field: str | None) -> str:
     raw = message.get("role", message.get("from"))
     if raw is None:
         raise InvalidRecordError(
-            where, "missing role", f"has no 'role' (or ShareGPT 'from'); its keys are {sorted(message)}", index
+            where, "missing role", f"has no 'role' (or ShareGPT 'from'); its keys are {sorted(message)}", index, field
         )
     role = _ROLE_ALIASES.get(str(raw).strip().lower())
     if role is None:
@@ -242,11 +376,12 @@ def _role_of(message: Mapping[str, Any], where: str, index: int) -> str:
             "unknown role",
             f"has unknown role {raw!r}; use 'system', 'user' or 'assistant' (aliases: human, model, gpt, bot){hint}",
             index,
+            field,
         )
     return role
 
 
-def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
+def _content_of(message: Mapping[str, Any], where: str, index: int | None, field: str | None) -> str:
     content = message["content"] if "content" in message else message.get("value")
     if isinstance(content, list):  # multimodal-style parts: [{"type": "text", "text": ...}, ...]
         texts = []
@@ -258,6 +393,7 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
                     "unsupported content part",
                     f"has a content part of type {kind!r}; only {{'type': 'text', 'text': ...}} parts are supported",
                     index,
+                    field,
                 )
             texts.append(part["text"])
         content = "\n".join(texts)
@@ -267,6 +403,7 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
             "content not text",
             f"content is {type(content).__name__}{'' if content is None else f' ({content!r})'}, expected a string",
             index,
+            field,
         )
     try:
         content.encode("utf-8")
@@ -277,11 +414,12 @@ def _content_of(message: Mapping[str, Any], where: str, index: int) -> str:
             f"content has an unpaired surrogate U+{ord(content[err.start]):04X} at character {err.start}: the text "
             "was corrupted on its way into the file; repair or drop it",
             index,
+            field,
         ) from None
     return content
 
 
-def _reject_control_tokens(content: str, where: str, index: int) -> None:
+def _reject_control_tokens(content: str, where: str, index: int | None, field: str | None) -> None:
     # Checked after normalisation, which could otherwise assemble a token from "<start_\u200dof_turn>".
     # Any family's tokens: the data does not know which Gemma it will train, and none may carry these in text.
     for token in reserved_tokens():
@@ -292,6 +430,7 @@ def _reject_control_tokens(content: str, where: str, index: int) -> None:
                 f"content contains the Gemma control token {token!r}, which the tokenizer would read as a turn "
                 "boundary or a media placeholder, not as text; remove it from the data",
                 index,
+                field,
             )
 
 
@@ -299,6 +438,8 @@ def clean_conversation(
     record: Any,
     *,
     where: str = "record",
+    data_format: str | None = None,
+    columns: Mapping[str, str] | None = None,
     normalizer: NormalizerConfig | None = DEFAULT_NORMALIZER,
     system_policy: Literal["fold", "error"] = "fold",
     same_role_policy: Literal["merge", "error"] = "merge",
@@ -306,8 +447,12 @@ def clean_conversation(
 ) -> Conversation:
     """Validate one record and return its messages as ``[{"role", "content"}]`` in Gemma's order.
 
-    Accepts persian-gk/ChatML ``{"messages": [{"role", "content"}]}`` and ShareGPT
-    ``{"conversations": [{"from", "value"}]}``. Roles are mapped to system/user/assistant. Then:
+    Reads any of :data:`DATA_FORMATS` (``data_format``; None detects it from the record's fields): persian-gk/ChatML
+    ``{"messages": [{"role", "content"}]}``, ShareGPT ``{"conversations": [{"from", "value"}]}``, TRL's
+    ``{"prompt", "completion"}`` (two strings, or two lists of messages) and Alpaca
+    ``{"instruction", "input", "output"}`` (``input`` and ``system`` optional). ``columns`` maps those field names to
+    the record's own, e.g. ``{"prompt": "question", "completion": "answer"}``. Roles are mapped to
+    system/user/assistant. Then:
 
     - empty or whitespace-only messages are dropped;
     - a system message after the first position is folded into the next user turn (``system_policy="fold"``,
@@ -320,25 +465,31 @@ def clean_conversation(
     the dataset drops such conversations and counts them.
     """
     counts = counts if counts is not None else CleaningCounts()
-    messages: Conversation = []
-    for index, message in enumerate(_messages_of(record, where)):
+    names = check_columns(columns)
+    found_format = _record_format(record, where, names, data_format)
+    messages: list[dict[str, Any]] = []
+    for source_field, index, message in _record_turns(record, found_format, names, where):
         if not isinstance(message, Mapping):
             raise InvalidRecordError(
-                where, "message not an object", f"is a {type(message).__name__}, expected {{role, content}}", index
+                where,
+                "message not an object",
+                f"is a {type(message).__name__}, expected {{role, content}}",
+                index,
+                source_field,
             )
-        role = _role_of(message, where, index)
-        content = _content_of(message, where, index)
+        role = _role_of(message, where, index, source_field)
+        content = _content_of(message, where, index, source_field)
         if normalizer is not None:
             content = normalize_persian(content, normalizer)
-        _reject_control_tokens(content, where, index)
+        _reject_control_tokens(content, where, index, source_field)
         content = content.strip()
         if not content:
             counts.empty_messages_dropped += 1
             continue
-        messages.append({"role": role, "content": content, "index": index})
+        messages.append({"role": role, "content": content, "at": (index, source_field)})
 
     system = messages[0] if messages and messages[0]["role"] == "system" else None
-    turns: Conversation = []
+    turns: list[dict[str, Any]] = []
     pending_system: list[str] = []
     for message in messages[1:] if system else messages:
         if message["role"] == "system":
@@ -347,7 +498,7 @@ def clean_conversation(
                     where,
                     "misplaced system turn",
                     "is a system message after the first position; move it first or use system_policy='fold'",
-                    message["index"],
+                    *message["at"],
                 )
             counts.system_turns_folded += 1
             pending_system.append(message["content"])
@@ -361,7 +512,7 @@ def clean_conversation(
                     where,
                     "consecutive same-role turns",
                     f"is a second {message['role']} turn in a row; merge them or use same_role_policy='merge'",
-                    message["index"],
+                    *message["at"],
                 )
             counts.same_role_turns_merged += 1
             turns[-1] = {**turns[-1], "content": turns[-1]["content"] + "\n\n" + message["content"]}
@@ -373,7 +524,7 @@ def clean_conversation(
             where,
             "starts with a model turn",
             "the first turn after the system prompt is a model turn; Gemma's template needs a user turn first",
-            turns[0]["index"],
+            *turns[0]["at"],
         )
     if turns and turns[-1]["role"] == "user":
         counts.trailing_user_turns_dropped += 1
@@ -398,6 +549,8 @@ class DatasetStats:
     token_lengths: list[int] = field(repr=False)
     trained_tokens: int = 0
     tokens_per_persian_word: float | None = None
+    data_format: str | None = None  # one of DATA_FORMATS
+    data_format_detected: bool = True  # False: given as data_format=
 
     @property
     def mean_tokens(self) -> float:
@@ -413,6 +566,8 @@ class DatasetStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "data_format": self.data_format,
+            "data_format_detected": self.data_format_detected,
             "records_read": self.records_read,
             "kept": self.kept,
             "dropped": dict(self.dropped),
@@ -427,7 +582,9 @@ class DatasetStats:
         }
 
     def __str__(self) -> str:
+        how = "detected" if self.data_format_detected else "given"
         lines = [
+            f"data format             {self.data_format} ({how})",
             f"records read            {self.records_read}",
             f"conversations kept      {self.kept}",
         ]
@@ -459,6 +616,11 @@ class PersianChatDataset(torch.utils.data.Dataset):
     naming it; ``"skip"`` skips it, counts it in :attr:`stats` and logs a warning summary.
     ``normalize`` is a :class:`NormalizerConfig` (default: Persian characters, diacritics and spacing; digits
     kept) or ``None`` to keep text as it is.
+
+    Records are in one of :data:`DATA_FORMATS` (see :func:`clean_conversation`): detected from the first record's
+    fields, or given as ``data_format``; ``stats.data_format`` says which. A record in another format than the
+    first is an :class:`InvalidRecordError` (reason ``"mixed formats"``). ``columns`` maps the format's field names
+    to the dataset's own, e.g. ``{"instruction": "question", "output": "answer"}``.
     """
 
     def __init__(
@@ -473,7 +635,11 @@ class PersianChatDataset(torch.utils.data.Dataset):
         system_policy: Literal["fold", "error"] = "fold",
         same_role_policy: Literal["merge", "error"] = "merge",
         deduplicate: bool = True,
+        data_format: DataFormat | None = None,
+        columns: Mapping[str, str] | None = None,
     ) -> None:
+        check_data_format(data_format)
+        names = check_columns(columns)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if max_length < 8:
@@ -489,14 +655,29 @@ class PersianChatDataset(torch.utils.data.Dataset):
         seen: set[tuple[tuple[str, str], ...]] = set()
         conversations: list[Conversation] = []
         records_read = 0
+        found: tuple[str, str] | None = None  # the first record's format, and where it was read
         for where, record in iter_records(source, split):
             records_read += 1
             try:
                 if isinstance(record, InvalidRecordError):
                     raise record
+                this_format = _record_format(record, where, names, data_format)
+                if found is None:
+                    found = (this_format, where)
+                    logger.info("data format: %s (%s %s)", this_format, "given" if data_format else "from", where)
+                elif this_format != found[0]:
+                    raise InvalidRecordError(
+                        where,
+                        "mixed formats",
+                        f"is in the {this_format} format, but {found[1]} is in the {found[0]} format: one source holds "
+                        "one format; "
+                        f"convert or remove this record, or skip such records with on_error='skip'",
+                    )
                 conversation = clean_conversation(
                     record,
                     where=where,
+                    data_format=this_format,
+                    columns=columns,
                     normalizer=normalize,
                     system_policy=system_policy,
                     same_role_policy=same_role_policy,
@@ -556,6 +737,8 @@ class PersianChatDataset(torch.utils.data.Dataset):
             truncated=truncated,
             token_lengths=[len(ids) for ids in self.input_ids],
             trained_tokens=sum(sum(label != IGNORE_INDEX for label in row) for row in self.labels),
+            data_format=found[0] if found else data_format,
+            data_format_detected=data_format is None,
         )
 
     @classmethod

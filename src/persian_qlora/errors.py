@@ -36,15 +36,20 @@ class InvalidRecordError(PersianQLoRAError, ValueError):
     """A conversation record is malformed. ``where`` names the file and line (or record index) it came from.
 
     ``reason`` is a short, stable label (e.g. ``"unknown role"``) used to count skipped records; ``message_index``
-    is the 0-based position of the offending message, when one message is at fault.
+    is the 0-based position of the offending message, when one message is at fault; ``field`` names the record's
+    field at fault in formats whose turns come from named fields (e.g. Alpaca's ``output``).
     """
 
-    def __init__(self, where: str, reason: str, detail: str, message_index: int | None = None) -> None:
+    def __init__(
+        self, where: str, reason: str, detail: str, message_index: int | None = None, field: str | None = None
+    ) -> None:
         self.where = where
         self.reason = reason
         self.detail = detail
         self.message_index = message_index
-        place = where if message_index is None else f"{where}, message {message_index}"
+        self.field = field
+        place = where if field is None else f"{where}, field {field!r}"
+        place = place if message_index is None else f"{place}, message {message_index}"
         super().__init__(f"{place}: {detail}")
 
 

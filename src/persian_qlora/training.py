@@ -7,10 +7,12 @@ labels and our collator pads it, so SFTTrainer's own dataset preparation (and it
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,7 @@ from persian_qlora.loss import DEFAULT_CHUNK_SIZE, lean_model_loss
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.measure import PhaseMeter
 from persian_qlora.modeling import LoraSettings
+from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig
 
 __all__ = [
     "RunConfig",
@@ -60,6 +63,9 @@ class TrainConfig:
     ``save_steps``, so that every evaluation has its checkpoint), at the training batch size.
     ``load_best_model_at_end`` ends on the checkpoint of lowest ``eval_loss``; ``early_stopping_patience`` stops
     after that many evaluations in a row without a lower one (transformers' ``EarlyStoppingCallback``).
+
+    ``report_to`` sends the Trainer's logs to ``"tensorboard"`` (event files under ``output_dir/runs``),
+    ``"wandb"`` or any other transformers integration whose package is installed; ``"none"`` (default) to none.
     """
 
     output_dir: str = "runs/persian-qlora"
@@ -75,6 +81,7 @@ class TrainConfig:
     max_length: int = 4000
     optim: str = "adamw_bnb_8bit"
     logging_steps: int = 1
+    report_to: str | list[str] = "none"
     save_steps: int = 50
     save_total_limit: int | None = 2
     padding_free: bool = True
@@ -96,7 +103,6 @@ class TrainConfig:
             # Without packing, batching conversations of similar length keeps padding down.
             train_sampling_strategy="random" if self.padding_free else "group_by_length",
             save_strategy="steps",
-            report_to="none",
             label_names=["labels"],  # a PeftModel hides the forward signature Trainer would read them from
             dataloader_pin_memory=torch.cuda.is_available(),
         )
@@ -114,6 +120,7 @@ class TrainConfig:
                 "eval_fraction (RunConfig), or pass eval_dataset to make_trainer"
             )
         values.update(self.extra)
+        _check_report_to(values["report_to"])
         eval_steps = values.get("eval_steps")
         if (
             evaluate
@@ -127,6 +134,21 @@ class TrainConfig:
                 "save_steps) or pick a divisor of save_steps"
             )
         return TrainingArguments(**values)
+
+
+def _check_report_to(report_to: str | list[str] | None) -> None:
+    """Refuse an integration whose package is missing now: transformers would only fail once the model is loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = get_available_reporting_integrations()
+    for name in wanted:
+        if name in INTEGRATION_TO_CALLBACK and name not in available:
+            raise ConfigError(
+                f"report_to {name!r}: transformers finds no {name} package here; install it (e.g. pip install {name}) "
+                "or leave report_to at 'none'"
+            )
 
 
 _NOT_TRAINING_ARGUMENTS = (
@@ -392,8 +414,11 @@ class RunConfig:
     Held-out evaluation during training (see :class:`TrainConfig` for when and what): ``eval_data``, a dataset
     name or file as ``data``, read at ``eval_split``; or ``eval_fraction``, that share of the training
     conversations, drawn with ``train.seed`` and not trained on. Never the test split of the training data, which
-    is kept for the final evaluation (``compare``). ``on_error`` is :class:`PersianChatDataset`'s: ``"raise"`` at
-    the first malformed record, or ``"skip"`` (and count) them.
+    is kept for the final evaluation (``compare``). ``on_error``, ``data_format``, ``columns`` and ``normalize`` are
+    :class:`PersianChatDataset`'s, for every set the run reads.
+
+    ``text_only``, ``attn_implementation``, ``device_map`` and ``per_layer_embeddings_on_host`` go to the model
+    builder (:func:`~persian_qlora.build_qlora_model`; None leaves the library's default).
     """
 
     method: Literal["qlora", "lora"] = "qlora"
@@ -404,9 +429,16 @@ class RunConfig:
     eval_split: str = "validation"
     eval_fraction: float = 0.0
     on_error: Literal["raise", "skip"] = "raise"
+    data_format: str | None = None  # one of persian_qlora.dataset.DATA_FORMATS; None detects it
+    columns: dict[str, str] | None = None  # our field name -> the dataset's own
+    normalize: NormalizerConfig | None = DEFAULT_NORMALIZER
     tiny: bool = False
     gguf_file: str | None = None
     quant_storage: str | None = None  # QLoRA only: "bfloat16" for FSDP-QLoRA (see docs/multi-gpu.md)
+    text_only: bool = True
+    attn_implementation: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    per_layer_embeddings_on_host: bool | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -414,8 +446,14 @@ class RunConfig:
     def load(cls, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
         """Recipe defaults, then the YAML file's keys, then ``overrides`` (e.g. from the command line).
 
-        Keys are flat: the fields above; ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``;
-        any :class:`TrainConfig` field; and any other ``TrainingArguments`` field (kept in ``train.extra``).
+        Keys are flat: the fields above; ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` (any
+        :class:`LoraSettings` field with ``lora_`` before it); any :class:`TrainConfig` field; and any other
+        ``TrainingArguments`` field (kept in ``train.extra``). Or they are grouped in sections, as axolotl and
+        LLaMA-Factory users write them: ``model:`` (``name_or_path`` for ``model``, and the model settings),
+        ``data:`` (``name_or_path`` for ``data``, the data settings and ``max_length``), ``lora:`` (``r``,
+        ``alpha``...) and ``train:``; :data:`SECTIONS` lists them. An unknown key is a :class:`ConfigError` naming
+        the nearest valid one. ``normalize`` is true (the default normaliser), false, or a mapping of
+        :class:`NormalizerConfig` fields.
         """
         import yaml
 
@@ -424,23 +462,24 @@ class RunConfig:
             loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
             if not isinstance(loaded, dict):
                 raise ValueError(f"{yaml_path}: expected a mapping of settings, got {type(loaded).__name__}")
-            values.update(loaded)
-        values.update(overrides or {})
+            values.update(_flatten(loaded, str(yaml_path)))
+        values.update(_flatten(overrides or {}, "overrides"))
 
         config = cls()
-        lora_fields = {f.name for f in fields(LoraSettings)}
-        train_fields = {f.name for f in fields(TrainConfig)} - {"extra"}
         hf_defaults = {f.name: f.default for f in fields(TrainingArguments)}
         for key, value in values.items():
-            if key in ("lora", "train"):
-                raise ValueError(f"use flat keys (e.g. lora_r, learning_rate), not a {key!r} section")
-            if key in {f.name for f in fields(cls)}:
+            where = _FLAT_KEYS.get(key)
+            if where is None and key not in hf_defaults:
+                raise ConfigError(f"unknown setting {key!r}{_nearest_key(key)}")
+            if key == "normalize":
+                config.normalize = _normalizer(value)
+            elif where == "run":
                 setattr(config, key, _like(getattr(config, key), value, key))
-            elif key.startswith("lora_") and key.removeprefix("lora_") in lora_fields:
+            elif where == "lora":
                 name = key.removeprefix("lora_")
                 value = tuple(value) if name == "target_modules" else _like(getattr(config.lora, name), value, key)
                 setattr(config.lora, name, value)
-            elif key in train_fields:
+            elif where == "train":
                 setattr(config.train, key, _like(getattr(config.train, key), value, key))
             else:
                 config.train.extra[key] = _like(hf_defaults.get(key), value, key)
@@ -458,10 +497,31 @@ class RunConfig:
 
         return str(bundled_corpus_path("train")) if self.tiny else self.data
 
+    def model_settings(self) -> dict[str, Any]:
+        """The model builder's keyword arguments from this config (those left at None are not passed)."""
+        settings = {
+            "attn_implementation": self.attn_implementation,
+            "device_map": self.device_map,
+            "per_layer_embeddings_on_host": self.per_layer_embeddings_on_host,
+        }
+        return {"text_only": self.text_only, **{k: v for k, v in settings.items() if v is not None}}
+
+    def dataset_settings(self) -> dict[str, Any]:
+        """:class:`PersianChatDataset`'s keyword arguments from this config, for every set the run reads."""
+        return {
+            "max_length": self.train.max_length,
+            "on_error": self.on_error,
+            "normalize": self.normalize,
+            "data_format": self.data_format,
+            "columns": self.columns,
+        }
+
     def check_data_settings(self) -> None:
         """Refuse data settings that cannot work, before anything is loaded."""
-        from persian_qlora.dataset import bundled_corpus_path
+        from persian_qlora.dataset import bundled_corpus_path, check_columns, check_data_format
 
+        check_data_format(self.data_format)
+        check_columns(self.columns)
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if not 0 <= self.eval_fraction < 1:
@@ -493,7 +553,7 @@ class RunConfig:
         from persian_qlora.dataset import PersianChatDataset
 
         self.check_data_settings()
-        settings = {"max_length": self.train.max_length, "on_error": self.on_error}
+        settings = self.dataset_settings()
         train = PersianChatDataset(self.training_source(), tokenizer, split=self.split, **settings)
         logger.info("training data:\n%s", train.stats)
         if self.eval_data is not None:
@@ -510,6 +570,134 @@ class RunConfig:
         train_part, eval_part = torch.utils.data.random_split(train, [len(train) - held_out, held_out], generator)
         logger.info("held out %d of %d conversations for evaluation", held_out, len(train))
         return train_part, eval_part
+
+
+# The sectioned form of a run's YAML: each section's keys and the flat key each stands for.
+SECTIONS: dict[str, dict[str, str]] = {
+    "model": {
+        "name_or_path": "model",
+        **{
+            key: key
+            for key in (
+                "method",
+                "tiny",
+                "gguf_file",
+                "quant_storage",
+                "text_only",
+                "attn_implementation",
+                "device_map",
+                "per_layer_embeddings_on_host",
+            )
+        },
+    },
+    "data": {
+        "name_or_path": "data",
+        **{
+            key: key
+            for key in (
+                "split",
+                "eval_data",
+                "eval_split",
+                "eval_fraction",
+                "on_error",
+                "data_format",
+                "columns",
+                "normalize",
+                "max_length",
+            )
+        },
+    },
+    "lora": {f.name: f"lora_{f.name}" for f in fields(LoraSettings)},
+    "train": {f.name: f.name for f in fields(TrainConfig) if f.name not in ("extra", "max_length")},
+}
+# Every flat key but TrainingArguments' own, and which config holds it.
+_FLAT_KEYS: dict[str, str] = {
+    **{f.name: "run" for f in fields(RunConfig) if f.name not in ("lora", "train")},
+    **{f"lora_{f.name}": "lora" for f in fields(LoraSettings)},
+    **{f.name: "train" for f in fields(TrainConfig) if f.name != "extra"},
+}
+
+
+def _flatten(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """Sectioned settings as flat keys; flat keys pass through. A key set twice is refused."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in ("lora", "train") and not isinstance(value, Mapping):
+            raise ConfigError(f"{origin}: {key!r} is a section: a mapping of settings, not {value!r}")
+        if key in SECTIONS and isinstance(value, Mapping):
+            items = [
+                (SECTIONS[key].get(sub) or _unknown_in_section(key, sub), sub_value) for sub, sub_value in value.items()
+            ]
+        else:
+            items = [(key, value)]
+        for name, item in items:
+            if name in flat:
+                raise ConfigError(f"{origin}: {name!r} is set twice (in a section and at the top level)")
+            flat[name] = item
+    return flat
+
+
+def _unknown_in_section(section: str, key: str) -> str:
+    """The flat key of a ``train:`` key that is a ``TrainingArguments`` field; else a ConfigError with a hint."""
+    hf_fields = [f.name for f in fields(TrainingArguments)]
+    if section == "train" and key in hf_fields:
+        return key
+    for other, keys in SECTIONS.items():
+        for sub, flat in keys.items():
+            if other != section and key in (sub, flat):
+                raise ConfigError(f"{key!r} is not a {section}: setting; it belongs in the {other}: section as {sub!r}")
+    candidates = [*SECTIONS[section], *(hf_fields if section == "train" else [])]
+    guess = difflib.get_close_matches(key, candidates, n=1)
+    hint = f"; did you mean {guess[0]!r}?" if guess else f"; the {section}: section takes {sorted(SECTIONS[section])}"
+    raise ConfigError(f"unknown setting {key!r} in the {section}: section{hint}")
+
+
+# What axolotl and LLaMA-Factory call some of these settings, for the hint on an unknown key.
+_OTHER_TOOLS_NAMES = {
+    "base_model": "model",
+    "model_name_or_path": "model",
+    "dataset": "data",
+    "datasets": "data",
+    "lora_rank": "lora_r",
+    "lora_target": "lora_target_modules",
+    "cutoff_len": "max_length",
+    "sequence_len": "max_length",
+    "micro_batch_size": "per_device_train_batch_size",
+    "num_epochs": "num_train_epochs",
+    "lr_scheduler": "lr_scheduler_type",
+}
+
+
+def _nearest_key(key: str) -> str:
+    """A hint for an unknown flat key: our name for another tool's, the flat name of a section key, or the
+    nearest flat key."""
+    if key in _OTHER_TOOLS_NAMES:
+        return f"; did you mean {_OTHER_TOOLS_NAMES[key]!r}?"
+    for keys in SECTIONS.values():
+        if keys.get(key, key) != key:
+            return f"; did you mean {keys[key]!r}?"
+    candidates = [*_FLAT_KEYS, *(f.name for f in fields(TrainingArguments))]
+    guess = difflib.get_close_matches(key, candidates, n=1)
+    return f"; did you mean {guess[0]!r}?" if guess else ""
+
+
+def _normalizer(value: Any) -> NormalizerConfig | None:
+    """``normalize`` from YAML: true (the default normaliser), false or null (none), or NormalizerConfig fields."""
+    if isinstance(value, NormalizerConfig) or value is None:
+        return value
+    if isinstance(value, bool):
+        return DEFAULT_NORMALIZER if value else None
+    if isinstance(value, Mapping):
+        known = [f.name for f in fields(NormalizerConfig)]
+        for key in value:
+            if key not in known:
+                guess = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {guess[0]!r}?" if guess else ""
+                raise ConfigError(f"normalize: unknown setting {key!r}, expected some of {known}{hint}")
+        return NormalizerConfig(**value)
+    raise ConfigError(
+        f"normalize must be true, false or a mapping of {NormalizerConfig.__name__} fields, got {value!r}"
+    )
 
 
 def _same_source(a: str | Path, b: str | Path) -> bool:
@@ -571,7 +759,7 @@ def run_training(config: RunConfig, *, resume: bool = False, callbacks: list[Tra
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train, held_out = config.load_datasets(tokenizer)
     builder = build_qlora_model if config.method == "qlora" else build_lora_model
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = config.model_settings()
     if config.method == "qlora" and config.quant_storage:
         extra["bnb_config"] = default_bnb_config(quant_storage=config.quant_storage)
     set_seed(config.train.seed)  # LoRA's A matrices are random: the same seed gives the same run
