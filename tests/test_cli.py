@@ -1,8 +1,13 @@
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from persian_qlora.cli import main, render_masked
+from persian_qlora.training import TrainConfig
 
 
 def test_prepare_prints_stats_and_a_masked_example(capsys):
@@ -87,3 +92,17 @@ def test_train_reaches_held_out_evaluation_and_on_error_from_yaml_and_flags(tiny
     metrics = json.loads((run / "metrics.json").read_text())
     assert [entry["step"] for entry in metrics["eval_log"]] == [1, 2]
     assert (run / "eval_loss.png").exists()
+
+
+def test_train_help_says_when_to_raise_the_learning_rate_with_the_sweeps_own_figures(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    results = (Path(__file__).parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
+    sweep = {
+        row[0]: row[1:]
+        for row in re.findall(r"^\| \**([0-9e.-]+)\b[^|]*\| \**([0-9.]+)\** \| \**([0-9.]+)", results, re.M)
+    }
+    assert f"default {TrainConfig().learning_rate:.0e}".replace("e-05", "e-5") in text
+    assert f"{sweep['2e-5'][0]} -> {sweep['2e-5'][1]} at 2e-5 against {sweep['1e-3'][1]} at 1e-3" in text
+    assert "--learning_rate" in text and "docs/models.md" in text
