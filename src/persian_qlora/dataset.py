@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.errors import InvalidRecordError, PersianQLoRAError
 from persian_qlora.families import reserved_tokens
 from persian_qlora.masking import IGNORE_INDEX, GemmaTurnMarkers, model_turn_labels
@@ -295,11 +296,12 @@ def _reject_control_tokens(content: str, where: str, index: int) -> None:
             )
 
 
+@renamed_arguments(normalizer="normalize")
 def clean_conversation(
     record: Any,
     *,
     where: str = "record",
-    normalizer: NormalizerConfig | None = DEFAULT_NORMALIZER,
+    normalize: NormalizerConfig | None = DEFAULT_NORMALIZER,
     system_policy: Literal["fold", "error"] = "fold",
     same_role_policy: Literal["merge", "error"] = "merge",
     counts: CleaningCounts | None = None,
@@ -328,8 +330,8 @@ def clean_conversation(
             )
         role = _role_of(message, where, index)
         content = _content_of(message, where, index)
-        if normalizer is not None:
-            content = normalize_persian(content, normalizer)
+        if normalize is not None:
+            content = normalize_persian(content, normalize)
         _reject_control_tokens(content, where, index)
         content = content.strip()
         if not content:
@@ -497,7 +499,7 @@ class PersianChatDataset(torch.utils.data.Dataset):
                 conversation = clean_conversation(
                     record,
                     where=where,
-                    normalizer=normalize,
+                    normalize=normalize,
                     system_policy=system_policy,
                     same_role_policy=same_role_policy,
                     counts=cleaning,
