@@ -106,3 +106,37 @@ def test_train_help_says_when_to_raise_the_learning_rate_with_the_sweeps_own_fig
     assert f"default {TrainConfig().learning_rate:.0e}".replace("e-05", "e-5") in text
     assert f"{sweep['2e-5'][0]} -> {sweep['2e-5'][1]} at 2e-5 against {sweep['1e-3'][1]} at 1e-3" in text
     assert "--learning_rate" in text and "docs/models.md" in text
+
+
+def test_every_command_that_writes_takes_output_and_output_dir_alike():
+    from persian_qlora.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    writers = {}
+    for name, command in commands.items():
+        flags = {flag for action in command._actions for flag in action.option_strings}
+        assert ("--output" in flags) == ("--output-dir" in flags), name
+        if "--output" in flags:
+            writers[name] = command
+    assert set(writers) == {"train", "merge", "export-gguf", "compare", "demo", "prepare-base"}
+    required = {"merge": ["--adapter", "a"], "export-gguf": ["--model", "m"]}
+    for name in writers:
+        parsed = [
+            vars(parser.parse_known_args([name, *required.get(name, []), flag, "somewhere"])[0])
+            for flag in ("--output", "--output-dir")
+        ]
+        assert parsed[0] == parsed[1] and "somewhere" in parsed[0].values(), name
+
+
+def test_chat_keeps_quantization_as_a_deprecated_name_of_load_in(tiny_gemma3_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "persian_qlora.cli", "chat", "--model", str(tiny_gemma3_path), "--quantization", "4bit"],
+        input="",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "FutureWarning: persian-qlora chat: --quantization is deprecated" in result.stderr
+    assert "use --load-in" in result.stderr

@@ -377,10 +377,10 @@ def export_gguf(
     """Write the Gemma 3 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
 
     ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 checkpoint (for
-    a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half the size), or
-    ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The Modelfile is ``output_file`` with the suffix
-    ``.Modelfile``. Both are written atomically after a free-space check; an existing file is refused unless
-    ``overwrite=True``. Needs the ``gguf`` extra.
+    a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half
+    the size), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The Modelfile is ``output_file``
+    with the suffix ``.Modelfile``. Both are written atomically after a free-space check; an existing file is refused
+    unless ``overwrite=True``. Needs the ``gguf`` extra.
     """
     gguf = _import_gguf()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

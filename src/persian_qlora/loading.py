@@ -216,7 +216,8 @@ def load_base(
     device_map: Any | None = None,
     **load_kwargs: Any,
 ) -> tuple[nn.Module, BaseLoading]:
-    """Load the Gemma checkpoint ``model`` (hub id or directory; text-only by default) and return it with the record of how it was loaded.
+    """Load the Gemma checkpoint ``model`` (hub id or directory; text-only by default) and return it with the
+    record of how it was loaded.
 
     ``dtype`` is the compute dtype (:func:`resolve_dtype`), which unquantised weights are kept in and 4-bit
     weights are quantised from. ``per_layer_embeddings_on_host`` (default: on CUDA, outside distributed runs) keeps
