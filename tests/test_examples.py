@@ -45,16 +45,13 @@ def test_chat_example_reads_to_end_of_input_skipping_empty_lines_in_utf8_on_any_
     assert "(conversation cleared)" in stdout
 
 
-def test_compare_example_uses_the_public_api_and_writes_a_report(tmp_path):
-    out = _run(
-        tmp_path,
-        *("compare_qlora_lora.py", "--tiny", "--max-steps", "2", "--max-eval", "3", "--max-new-tokens", "4"),
-        "--output-dir",
-        "runs/compare",
-    )
+def test_compare_example_uses_the_public_api_and_writes_a_report(tmp_path, tiny_gemma3_path):
+    from persian_qlora import bundled_corpus_path
+
+    data = ("--data", str(bundled_corpus_path("train")), "--test-data", str(bundled_corpus_path("test")))
+    smoke = ("--max-steps", "1", "--max-eval", "2", "--max-new-tokens", "4", "--output-dir", "runs/compare")
+    out = _run(tmp_path, "compare_qlora_lora.py", "--model", str(tiny_gemma3_path), *data, *smoke)
     assert out.count("BLEU-4") == 2 and "qlora:" in out and "lora:" in out
     assert (tmp_path / "runs" / "compare" / "report.md").exists()
-    imported = re.findall(
-        r"^(?:from|import) (persian_qlora[\w.]*)", (EXAMPLES / "compare_qlora_lora.py").read_text(), re.M
-    )
-    assert imported == ["persian_qlora"]
+    source = (EXAMPLES / "compare_qlora_lora.py").read_text(encoding="utf-8")
+    assert re.findall(r"^(?:from|import) (persian_qlora[\w.]*)", source, re.M) == ["persian_qlora"]
