@@ -38,10 +38,10 @@ if args.base is None:
     args.merged = str(merge_to_fp16(args.base, args.adapter, workdir / "merged", dtype=torch.bfloat16).output_dir)
 
 loadings = {
-    "merged": dict(path_or_id=args.merged),
-    "base + adapter": dict(path_or_id=args.base, adapter=args.adapter),
-    "merged, 8-bit": dict(path_or_id=args.merged, quantization="8bit"),
-    "merged, 4-bit": dict(path_or_id=args.merged, quantization="4bit"),
+    "merged": dict(model=args.merged),
+    "base + adapter": dict(model=args.base, adapter=args.adapter),
+    "merged, 8-bit": dict(model=args.merged, load_in="8bit"),
+    "merged, 4-bit": dict(model=args.merged, load_in="4bit"),
 }
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
 print(f"device: {device}; torch {torch.__version__}; {args.new_tokens} new tokens per reply\n")

@@ -1,4 +1,10 @@
-"""What Gemma 3n E4B and Gemma 3 4B hold on the accelerator under QLoRA, counted from their published configs.
+"""What Gemma checkpoints hold on the accelerator under QLoRA, counted from their published configs.
+
+Part 0 (always) is the table of docs/models.md: every Gemma 3 and Gemma 3n checkpoint, its language model built on
+the meta device from its published text configuration (what a text-only load builds, so no timm), and the bytes its
+weights hold on the accelerator under persian-qlora's default QLoRA (text-only, NF4 + double quantisation, LoRA r=8,
+Gemma 3n's per-layer embeddings on the host). The parameter count of each is printed beside the one Google publishes
+for it, where published (keras-hub's presets), as a check on the configuration.
 
 Part 1 builds each whole multimodal model on the meta device (no weights, no GPU) and counts the bytes each
 parameter would hold on the accelerator, for:
@@ -59,6 +65,101 @@ GEMMA3_4B_VISION = dict(
 )
 
 
+# The language models of the other checkpoints: google/gemma-3-{270m,1b}-it and the text configs of
+# google/gemma-3-{12b,27b}-it (their published config.json files). Every other field is transformers' default.
+GEMMA3_TEXT = {
+    "Gemma 3 270M": dict(
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262_144,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+    ),
+    "Gemma 3 1B": dict(
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262_144,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+    ),
+    "Gemma 3 4B": GEMMA3_4B_TEXT,
+    "Gemma 3 12B": dict(
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        vocab_size=262_208,
+        query_pre_attn_scalar=256,
+        sliding_window=1024,
+    ),
+    "Gemma 3 27B": dict(
+        hidden_size=5376,
+        intermediate_size=21504,
+        num_hidden_layers=62,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        vocab_size=262_208,
+        query_pre_attn_scalar=168,
+        sliding_window=1024,
+    ),
+}
+# The parameters of each language model as Google publishes them in keras-hub's Gemma 3 presets (the text-only
+# presets: the language model alone), to check the configurations above against.
+PUBLISHED_TEXT_PARAMETERS = {
+    "Gemma 3 270M": 268_098_176,
+    "Gemma 3 1B": 999_885_952,
+    "Gemma 3 4B": 3_880_099_328,
+    "Gemma 3 12B": 11_765_788_416,
+    "Gemma 3 27B": 27_009_002_240,
+}
+CHECKPOINTS = {
+    "Gemma 3 270M": ("google/gemma-3-270m-it", "gemma3_text"),
+    "Gemma 3 1B": ("google/gemma-3-1b-it", "gemma3_text"),
+    "Gemma 3 4B": ("google/gemma-3-4b-it", "gemma3"),
+    "Gemma 3 12B": ("google/gemma-3-12b-it", "gemma3"),
+    "Gemma 3 27B": ("google/gemma-3-27b-it", "gemma3"),
+    "Gemma 3n E2B": ("google/gemma-3n-E2B-it", "gemma3n"),
+    "Gemma 3n E4B": ("google/gemma-3n-E4B-it", "gemma3n"),
+}
+
+
+def e2b_text_config():
+    """Gemma 3n E2B's language model: E4B's (transformers' defaults) with 30 layers of intermediate size 8192, 10 of
+    them sharing their KV cache, and activation sparsity in the first 10."""
+    from transformers import Gemma3nTextConfig
+
+    default = Gemma3nTextConfig()
+    return Gemma3nTextConfig(
+        num_hidden_layers=30,
+        intermediate_size=8192,
+        num_kv_shared_layers=10,
+        layer_types=default.layer_types[:30],
+        activation_sparsity_pattern=[0.95] * 10 + [0.0] * 20,
+    )
+
+
+def text_config(name: str):
+    """The language model's configuration of checkpoint ``name``: what a text-only load builds."""
+    from transformers import Gemma3nTextConfig, Gemma3TextConfig
+
+    if name == "Gemma 3n E4B":
+        return Gemma3nTextConfig()
+    if name == "Gemma 3n E2B":
+        return e2b_text_config()
+    return Gemma3TextConfig(**GEMMA3_TEXT[name])
+
+
 def e4b_config(text_layers: int | None = None):
     """Gemma 3n E4B: transformers' ``Gemma3nConfig`` defaults are google/gemma-3n-E4B-it's."""
     from transformers import Gemma3nConfig, Gemma3nTextConfig
@@ -90,16 +191,19 @@ def nf4_bytes(numel: int) -> float:
     return numel / 2 + blocks + 4 * -(-blocks // 256) + 4
 
 
-def count(model, *, skip: list[str], language_only: bool, peft_default: bool, ple_on_host: bool) -> dict:
+def count(
+    model, *, skip: list[str], language_only: bool, peft_default: bool, ple_on_host: bool, text_model: bool = False
+) -> dict:
     """Bytes each parameter would hold, by part. ``language_only``: the text-only load (towers not built) and LoRA
     confined to the language model; ``peft_default``: every parameter that is not 4-bit in fp32, LoRA wherever a
-    linear's name ends with a target (peft's suffix matching, towers included)."""
+    linear's name ends with a target (peft's suffix matching, towers included); ``text_model``: ``model`` is a text
+    family's causal LM, all of it language model."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     parts = dict.fromkeys(("nf4", "weights", "per-layer embeddings", "lora", "host"), 0.0)
     seen = set()
     for module_name, module in model.named_modules():
-        in_language_model = ".language_model." in f".{module_name}." or module_name == "lm_head"
+        in_language_model = text_model or ".language_model." in f".{module_name}." or module_name == "lm_head"
         if language_only and not in_language_model:
             continue
         for param_name, param in module.named_parameters(recurse=False):
@@ -140,6 +244,34 @@ def check_nf4_formula() -> str:
     return f"NF4 byte count checked against a real 4-bit load: {real:.0f} bytes, predicted {predicted:.0f}"
 
 
+def checkpoint_table() -> None:
+    """Every checkpoint's language model under the default QLoRA: the table of docs/models.md."""
+    from persian_qlora.families import FAMILIES
+
+    print(
+        "| checkpoint | family | language-model parameters | published | on the accelerator (GB) | on the host (GB) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, (repo, model_type) in CHECKPOINTS.items():
+        family = FAMILIES[model_type].text()
+        with torch.device("meta"):
+            model = family.model_class()(text_config(name))
+        parameters = sum(p.numel() for p in model.parameters())
+        published = PUBLISHED_TEXT_PARAMETERS.get(name)
+        parts = count(
+            model,
+            skip=list(family.never_quantised),
+            language_only=False,
+            peft_default=False,
+            ple_on_host=bool(family.per_layer_embeddings),
+            text_model=True,
+        )
+        print(
+            f"| `{repo}` | {model_type} | {parameters:,} | {f'{published:,}' if published else 'not published'} "
+            f"| **{parts['accelerator'] / GB:.2f}** | {parts['host'] / GB:.2f} |"
+        )
+
+
 def accelerator_table() -> None:
     from transformers import Gemma3ForConditionalGeneration, Gemma3nForConditionalGeneration
 
@@ -150,8 +282,12 @@ def accelerator_table() -> None:
         ("Gemma 3n E4B", FAMILIES["gemma3n"], lambda: Gemma3nForConditionalGeneration(e4b_config())),
         ("Gemma 3 4B", FAMILIES["gemma3"], lambda: Gemma3ForConditionalGeneration(gemma3_4b_config())),
     ):
-        with torch.device("meta"):
-            model = make()
+        try:
+            with torch.device("meta"):
+                model = make()
+        except ImportError as err:  # E4B's vision tower is a timm model
+            print(f"\n{name}: whole-model tables skipped: {str(err).strip().splitlines()[0]}")
+            continue
         total = sum(p.numel() for p in model.parameters())
         print(f"\n{name}: {total / 1e9:.2f} B parameters (tied head counted once)")
         print(
@@ -228,6 +364,7 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true", help="also measure loading a real-width E4B cut to a few layers")
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
+    checkpoint_table()
     accelerator_table()
     if args.rss:
         rss_table(args.layers)

@@ -1,8 +1,13 @@
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from persian_qlora.cli import main, render_masked
+from persian_qlora.training import TrainConfig
 
 
 def test_prepare_prints_stats_and_a_masked_example(capsys):
@@ -87,3 +92,51 @@ def test_train_reaches_held_out_evaluation_and_on_error_from_yaml_and_flags(tiny
     metrics = json.loads((run / "metrics.json").read_text())
     assert [entry["step"] for entry in metrics["eval_log"]] == [1, 2]
     assert (run / "eval_loss.png").exists()
+
+
+def test_train_help_says_when_to_raise_the_learning_rate_with_the_sweeps_own_figures(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    results = (Path(__file__).parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
+    sweep = {
+        row[0]: row[1:]
+        for row in re.findall(r"^\| \**([0-9e.-]+)\b[^|]*\| \**([0-9.]+)\** \| \**([0-9.]+)", results, re.M)
+    }
+    assert f"default {TrainConfig().learning_rate:.0e}".replace("e-05", "e-5") in text
+    assert f"{sweep['2e-5'][0]} -> {sweep['2e-5'][1]} at 2e-5 against {sweep['1e-3'][1]} at 1e-3" in text
+    assert "--learning_rate" in text and "docs/models.md" in text
+
+
+def test_every_command_that_writes_takes_output_and_output_dir_alike():
+    from persian_qlora.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    writers = {}
+    for name, command in commands.items():
+        flags = {flag for action in command._actions for flag in action.option_strings}
+        assert ("--output" in flags) == ("--output-dir" in flags), name
+        if "--output" in flags:
+            writers[name] = command
+    assert set(writers) == {"train", "merge", "export-gguf", "compare", "demo", "prepare-base"}
+    required = {"merge": ["--adapter", "a"], "export-gguf": ["--model", "m"]}
+    for name in writers:
+        parsed = [
+            vars(parser.parse_known_args([name, *required.get(name, []), flag, "somewhere"])[0])
+            for flag in ("--output", "--output-dir")
+        ]
+        assert parsed[0] == parsed[1] and "somewhere" in parsed[0].values(), name
+
+
+def test_chat_keeps_quantization_as_a_deprecated_name_of_load_in(tiny_gemma3_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "persian_qlora.cli", "chat", "--model", str(tiny_gemma3_path), "--quantization", "4bit"],
+        input="",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "FutureWarning: persian-qlora chat: --quantization is deprecated" in result.stderr
+    assert "use --load-in" in result.stderr

@@ -38,9 +38,9 @@ def test_generation_config_stops_on_eos_and_end_of_turn(loaded):
     assert set(model.generation_config.eos_token_id) == stops and not model.training
 
 
-@pytest.mark.parametrize(("quantization", "layer"), [("4bit", bnb.nn.Linear4bit), ("8bit", bnb.nn.Linear8bitLt)])
-def test_quantized_loading_generates_on_cpu(tiny_gemma3_path, prompts, quantization, layer):
-    model, tokenizer = load_for_inference(tiny_gemma3_path, quantization=quantization)
+@pytest.mark.parametrize(("load_in", "layer"), [("4bit", bnb.nn.Linear4bit), ("8bit", bnb.nn.Linear8bitLt)])
+def test_quantized_loading_generates_on_cpu(tiny_gemma3_path, prompts, load_in, layer):
+    model, tokenizer = load_for_inference(tiny_gemma3_path, load_in=load_in)
     assert isinstance(model.model.layers[0].self_attn.q_proj, layer)
     assert type(model.lm_head) is torch.nn.Linear
     result = generate(model, tokenizer, prompts[:2], max_new_tokens=6)

@@ -7,6 +7,8 @@ do not pay for importing transformers' Trainer, bitsandbytes and peft (several s
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -16,7 +18,7 @@ _EXPORTS = {
     "behaviour": ["BehaviourScores", "Verdict", "behaviour_scores", "verdict"],
     "chat": ["ChatSession"],
     "collator": ["GemmaChatCollator"],
-    "compare": ["CompareConfig", "compare"],
+    "compare": ["CompareConfig", "compare", "demo_config"],
     "dataset": ["DatasetStats", "PersianChatDataset", "bundled_corpus_path", "clean_conversation"],
     "errors": [
         "ConfigError",
@@ -27,10 +29,10 @@ _EXPORTS = {
         "TemplateError",
     ],
     "export": ["GGUFExport", "export_gguf"],
-    "generation": ["evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
+    "generation": ["GenerationResult", "evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
     "loss": ["chunked_causal_lm_loss"],
     "masking": ["GemmaTurnMarkers", "model_turn_labels"],
-    "merging": ["MergeResult", "merge_to_fp16"],
+    "merging": ["MergeResult", "merge_to_fp16", "push_to_hub"],
     "metrics": ["corpus_scores", "sentence_scores"],
     "modeling": ["LoraSettings", "build_lora_model", "build_qlora_model", "default_bnb_config"],
     "normalize": ["NormalizerConfig", "normalize_persian"],
@@ -56,13 +58,27 @@ def __dir__() -> list[str]:
     return __all__
 
 
+class _Package(types.ModuleType):
+    """Keeps an exported function from being replaced by its own module: importing ``persian_qlora.compare`` (or
+    ``.perplexity``) binds the module to the package attribute of the same name, so that ``from persian_qlora import
+    compare`` would then give the module, not the function. ``from persian_qlora.compare import ...`` still works."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _MODULE_OF and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 if TYPE_CHECKING:
     from persian_qlora.bases import gguf_base, prepare_base, prepare_gguf_base
     from persian_qlora.behaviour import BehaviourScores, Verdict, behaviour_scores, verdict
     from persian_qlora.chat import ChatSession
     from persian_qlora.chat_template import gemma3_chat_template
     from persian_qlora.collator import GemmaChatCollator
-    from persian_qlora.compare import CompareConfig, compare
+    from persian_qlora.compare import CompareConfig, compare, demo_config
     from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation
     from persian_qlora.errors import (
         ConfigError,
@@ -73,10 +89,10 @@ if TYPE_CHECKING:
         TemplateError,
     )
     from persian_qlora.export import GGUFExport, export_gguf
-    from persian_qlora.generation import evaluation_pairs, generate, load_for_inference, stream_reply
+    from persian_qlora.generation import GenerationResult, evaluation_pairs, generate, load_for_inference, stream_reply
     from persian_qlora.loss import chunked_causal_lm_loss
     from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels
-    from persian_qlora.merging import MergeResult, merge_to_fp16
+    from persian_qlora.merging import MergeResult, merge_to_fp16, push_to_hub
     from persian_qlora.metrics import corpus_scores, sentence_scores
     from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model, default_bnb_config
     from persian_qlora.normalize import NormalizerConfig, normalize_persian

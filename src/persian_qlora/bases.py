@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.errors import MissingExtraError, PersianQLoRAError
 
 __all__ = [
@@ -175,11 +176,12 @@ def prepare_gguf_base(
     return output_dir
 
 
-def gguf_base(model_id_or_path: str | Path, gguf_file: str | Path) -> Path:
+@renamed_arguments(model_id_or_path="model")
+def gguf_base(model: str | Path, gguf_file: str | Path) -> Path:
     """The prepared checkpoint directory for ``gguf_file``, converting it on first use (cached by its sha256).
 
     ``gguf_file`` is found as transformers finds it: a path to the file, or a file name inside the local
-    directory or hub repository ``model_id_or_path``. The file of a known base shares that base's directory
+    directory or hub repository ``model``. The file of a known base shares that base's directory
     (see :func:`prepare_base`); any other goes to ``cache_dir() / "gguf"``. The builders and
     :func:`~persian_qlora.merge_to_fp16` call this for their ``gguf_file=`` argument; call it too to load the
     matching tokenizer.
@@ -188,7 +190,7 @@ def gguf_base(model_id_or_path: str | Path, gguf_file: str | Path) -> Path:
 
     path = Path(gguf_file)
     if not path.is_file():
-        path = Path(cached_file(str(model_id_or_path), str(gguf_file)))
+        path = Path(cached_file(str(model), str(gguf_file)))
     sha256 = _sha256(path)
     known = next((k for k in KNOWN_BASES.values() if k.sha256 == sha256), None)
     if known is not None:  # the file of a known base: share its prepared directory

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.errors import ConfigError, InvalidRecordError, PersianQLoRAError
 from persian_qlora.families import reserved_tokens
 from persian_qlora.masking import IGNORE_INDEX, GemmaTurnMarkers, model_turn_labels
@@ -434,13 +435,14 @@ def _reject_control_tokens(content: str, where: str, index: int | None, field: s
             )
 
 
+@renamed_arguments(normalizer="normalize")
 def clean_conversation(
     record: Any,
     *,
     where: str = "record",
     data_format: str | None = None,
     columns: Mapping[str, str] | None = None,
-    normalizer: NormalizerConfig | None = DEFAULT_NORMALIZER,
+    normalize: NormalizerConfig | None = DEFAULT_NORMALIZER,
     system_policy: Literal["fold", "error"] = "fold",
     same_role_policy: Literal["merge", "error"] = "merge",
     counts: CleaningCounts | None = None,
@@ -479,8 +481,8 @@ def clean_conversation(
             )
         role = _role_of(message, where, index, source_field)
         content = _content_of(message, where, index, source_field)
-        if normalizer is not None:
-            content = normalize_persian(content, normalizer)
+        if normalize is not None:
+            content = normalize_persian(content, normalize)
         _reject_control_tokens(content, where, index, source_field)
         content = content.strip()
         if not content:
@@ -678,7 +680,7 @@ class PersianChatDataset(torch.utils.data.Dataset):
                     where=where,
                     data_format=this_format,
                     columns=columns,
-                    normalizer=normalize,
+                    normalize=normalize,
                     system_policy=system_policy,
                     same_role_policy=same_role_policy,
                     counts=cleaning,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from persian_qlora._deprecation import renamed_arguments
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
 from persian_qlora.errors import MissingExtraError, PersianQLoRAError
 from persian_qlora.families import FAMILIES
@@ -365,27 +366,28 @@ def render_modelfile(gguf_name: str) -> str:
     )
 
 
+@renamed_arguments(merged_dir="model")
 def export_gguf(
-    merged_dir: str | Path,
+    model: str | Path,
     output_file: str | Path,
     *,
     quantization: Quantization = "auto",
     overwrite: bool = False,
 ) -> GGUFExport:
-    """Write the Gemma 3 checkpoint ``merged_dir`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
+    """Write the Gemma 3 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
 
-    ``merged_dir`` is a :func:`~persian_qlora.merge_to_fp16` output or any Gemma 3 checkpoint (for a multimodal one,
-    its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half the size), or
-    ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The Modelfile is ``output_file`` with the suffix
-    ``.Modelfile``. Both are written atomically after a free-space check; an existing file is refused unless
-    ``overwrite=True``. Needs the ``gguf`` extra.
+    ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 checkpoint (for
+    a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half
+    the size), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The Modelfile is ``output_file``
+    with the suffix ``.Modelfile``. Both are written atomically after a free-space check; an existing file is refused
+    unless ``overwrite=True``. Needs the ``gguf`` extra.
     """
     gguf = _import_gguf()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if quantization != "auto" and quantization not in _QUANTIZATIONS:
         raise ValueError(f"quantization must be one of auto, {', '.join(_QUANTIZATIONS)}; got {quantization!r}")
-    merged_dir, output_file = Path(merged_dir), Path(output_file)
+    merged_dir, output_file = Path(model), Path(output_file)
     _check_is_gemma3_checkpoint(merged_dir)
     config = AutoConfig.from_pretrained(merged_dir).get_text_config()
     _check_llama_cpp_runs_it_as_is(config)

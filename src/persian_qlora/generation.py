@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.measure import PhaseMeter
 
 __all__ = ["GenerationResult", "evaluation_pairs", "generate", "load_for_inference", "stop_token_ids", "stream_reply"]
@@ -139,21 +140,23 @@ def generate(
     )
 
 
+@renamed_arguments(path_or_id="model", quantization="load_in")
 def load_for_inference(
-    path_or_id: str | Path,
+    model: str | Path,
     adapter: str | Path | None = None,
     *,
-    quantization: Literal["8bit", "4bit"] | None = None,
+    load_in: Literal["8bit", "4bit"] | None = None,
     dtype=None,
     text_only: bool | None = None,
     allow_pickle: bool = False,
     gguf_file: str | Path | None = None,
     **load_kwargs: Any,
 ):
-    """Load a merged model, or a base with a LoRA adapter, and its tokenizer, ready to generate.
+    """Load ``model`` (hub id or directory: a merged model, or the base of ``adapter``) and its tokenizer, ready to
+    generate.
 
     ``dtype``: bf16 on a GPU with native bf16, else fp32; fp16 is refused for Gemma (see ``resolve_dtype``).
-    ``quantization="8bit"`` (LLM.int8) or ``"4bit"`` (NF4) loads the weights quantised with bitsandbytes, leaving
+    ``load_in="8bit"`` (LLM.int8) or ``"4bit"`` (NF4) loads the weights quantised with bitsandbytes, leaving
     the LM head, Gemma 3n's AltUp linears and any tower unquantised as in training. A multimodal checkpoint loads
     its language model alone unless ``text_only=False``; with an adapter, the default is how the adapter's base was
     loaded in training (its ``base_loading.json``), and a contradicting ``text_only`` is refused, since the
@@ -180,19 +183,19 @@ def load_for_inference(
                 f"text_only={trained.text_only}, or leave text_only unset"
             )
         text_only = trained.text_only
-    if quantization == "4bit":
+    if load_in == "4bit":
         load_kwargs["quantization_config"] = default_bnb_config(dtype)
-    elif quantization == "8bit":
+    elif load_in == "8bit":
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_skip_modules=never_quantised()
         )
         # LLM.int8 always multiplies in fp16 internally and warns about it on every call.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-    elif quantization is not None:
-        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    elif load_in is not None:
+        raise ValueError(f"load_in must be None, '8bit' or '4bit', got {load_in!r}")
     load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)  # None: either format
     model, loading = load_base(
-        path_or_id, text_only=True if text_only is None else text_only, dtype=dtype, gguf_file=gguf_file, **load_kwargs
+        model, text_only=True if text_only is None else text_only, dtype=dtype, gguf_file=gguf_file, **load_kwargs
     )
     tokenizer_source = loading.base
     if adapter is not None:

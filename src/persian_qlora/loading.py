@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.errors import MissingExtraError, PersianQLoRAError
 from persian_qlora.families import FAMILIES, GemmaFamily, family_of, never_quantised
 
@@ -203,8 +204,9 @@ def _check_text_only_load(family: GemmaFamily, path: str, info: dict[str, Any]) 
     logger.info("%s: language model loaded alone; %d tower tensors left unread", path, len(info["unexpected_keys"]))
 
 
+@renamed_arguments(model_id_or_path="model")
 def load_base(
-    model_id_or_path: str | Path,
+    model: str | Path,
     *,
     text_only: bool = True,
     dtype: torch.dtype | str | None = None,
@@ -214,7 +216,8 @@ def load_base(
     device_map: Any | None = None,
     **load_kwargs: Any,
 ) -> tuple[nn.Module, BaseLoading]:
-    """Load a Gemma checkpoint (text-only by default) and return it with the record of how it was loaded.
+    """Load the Gemma checkpoint ``model`` (hub id or directory; text-only by default) and return it with the
+    record of how it was loaded.
 
     ``dtype`` is the compute dtype (:func:`resolve_dtype`), which unquantised weights are kept in and 4-bit
     weights are quantised from. ``per_layer_embeddings_on_host`` (default: on CUDA, outside distributed runs) keeps
@@ -228,8 +231,8 @@ def load_base(
     if gguf_file is not None:
         from persian_qlora.bases import gguf_base
 
-        model_id_or_path = gguf_base(model_id_or_path, gguf_file)
-    path = str(model_id_or_path)
+        model = gguf_base(model, gguf_file)
+    path = str(model)
     dtype = resolve_dtype(dtype)
     config = AutoConfig.from_pretrained(path, **{k: load_kwargs[k] for k in _HUB_KWARGS if k in load_kwargs})
     family = family_of(config)

@@ -182,7 +182,9 @@ def merge_to_fp16(
     **hub_kwargs: Any,
 ) -> MergeResult:
     """Merge ``adapter`` into the checkpoint ``base`` (a directory or hub id) and write the whole checkpoint,
-    adapter folded in, to ``output_dir`` in ``dtype`` (bf16 by default; fp16 or fp32 on request).
+    adapter folded in, to ``output_dir`` in ``dtype``: **bf16 by default**, fp16 or fp32 on request ("16" in the
+    name is the output's width, not fp16). ``base`` is named for its role, the checkpoint the adapter was trained on;
+    the functions that load any checkpoint call it ``model``.
 
     Streams tensor by tensor, so memory stays near the size of the largest weight (see docs/merging.md). Writes
     safetensors shards of at most ``max_shard_size`` (default 2 GB) with their index, the base's config (its dtype

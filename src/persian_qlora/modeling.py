@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.errors import PersianQLoRAError
 from persian_qlora.loading import BaseLoading, default_bnb_config, load_base, resolve_dtype
 from persian_qlora.tokens import TURN_END, indistinct_tokens
@@ -150,7 +151,7 @@ def _disable_cpu_weight_repacking(model: nn.Module) -> None:
 
 
 def _build(
-    model_id_or_path: str,
+    model: str | Path,
     *,
     quantization_config,
     dtype: torch.dtype,
@@ -160,7 +161,7 @@ def _build(
 ):
     from peft import LoraConfig, get_peft_model
 
-    model, loading = load_base(model_id_or_path, dtype=dtype, quantization_config=quantization_config, **load_kwargs)
+    model, loading = load_base(model, dtype=dtype, quantization_config=quantization_config, **load_kwargs)
     if quantization_config is not None:
         _disable_cpu_weight_repacking(model)
     _prepare_for_training(model, gradient_checkpointing)
@@ -180,8 +181,9 @@ def _build(
     return model
 
 
+@renamed_arguments(model_id_or_path="model")
 def build_qlora_model(
-    model_id_or_path: str,
+    model: str | Path,
     *,
     gguf_file: str | None = None,
     lora: LoraSettings | Any | None = None,
@@ -191,7 +193,8 @@ def build_qlora_model(
     gradient_checkpointing: bool = True,
     **load_kwargs: Any,
 ):
-    """Load a Gemma model in 4-bit NF4 with double quantisation and attach LoRA to its language layers.
+    """Load the Gemma checkpoint ``model`` (hub id or directory) in 4-bit NF4 with double quantisation and attach
+    LoRA to its language layers.
 
     ``lora`` is a :class:`LoraSettings` (default: r=8, alpha=16, dropout 0, the 7 attention/MLP projections) or a
     ``peft.LoraConfig`` (a list of target names in it is also confined to the language model). ``bnb_config``
@@ -203,15 +206,15 @@ def build_qlora_model(
     Gemma 3n's per-layer embeddings then stay in host memory (``per_layer_embeddings_on_host``, see
     :func:`~persian_qlora.loading.load_base`, which takes the other keyword arguments: ``device_map``,
     ``attn_implementation``, ``revision``...; weights load from safetensors only unless ``use_safetensors=None``).
-    ``gguf_file`` names a GGUF checkpoint as in transformers (a path, or a file in ``model_id_or_path``). It is
+    ``gguf_file`` names a GGUF checkpoint as in transformers (a path, or a file in ``model``). It is
     converted once into a cached bf16 checkpoint (:func:`~persian_qlora.bases.gguf_base`) and the base loads from
     that: transformers cannot quantise a GGUF-loaded model with bitsandbytes, and QLoRA and LoRA must start from
-    the same weights. Load the tokenizer from ``gguf_base(model_id_or_path, gguf_file)``.
+    the same weights. Load the tokenizer from ``gguf_base(model, gguf_file)``.
     Returns the ``peft.PeftModel``; its ``base_loading`` records how the base was loaded.
     """
     dtype = resolve_dtype(dtype)
     return _build(
-        model_id_or_path,
+        model,
         gguf_file=gguf_file,
         quantization_config=bnb_config if bnb_config is not None else default_bnb_config(dtype),
         dtype=dtype,
@@ -222,8 +225,9 @@ def build_qlora_model(
     )
 
 
+@renamed_arguments(model_id_or_path="model")
 def build_lora_model(
-    model_id_or_path: str,
+    model: str | Path,
     *,
     gguf_file: str | None = None,
     lora: LoraSettings | Any | None = None,
@@ -234,7 +238,7 @@ def build_lora_model(
 ):
     """The same as :func:`build_qlora_model` on an unquantised 16-bit base (bf16; fp32 on CPU and T4)."""
     return _build(
-        model_id_or_path,
+        model,
         gguf_file=gguf_file,
         quantization_config=None,
         dtype=resolve_dtype(dtype),

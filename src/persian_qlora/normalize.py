@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
+from persian_qlora._deprecation import renamed_arguments
+
 __all__ = ["DEFAULT_NORMALIZER", "NormalizerConfig", "normalize_persian"]
 
 ZWNJ = "\u200c"
@@ -85,16 +87,18 @@ class NormalizerConfig:
 DEFAULT_NORMALIZER = NormalizerConfig()
 
 
-def normalize_persian(text: str, config: NormalizerConfig = DEFAULT_NORMALIZER) -> str:
-    """Return ``text`` in standard Persian orthography, leaving code spans as they are.
+@renamed_arguments(config="normalize")
+def normalize_persian(text: str, normalize: NormalizerConfig = DEFAULT_NORMALIZER) -> str:
+    """Return ``text`` in standard Persian orthography as ``normalize`` asks, leaving code spans as they are.
 
-    Idempotent: normalising twice changes nothing more.
+    ``normalize`` is the same :class:`NormalizerConfig` argument, by the same name, as the dataset's and the
+    metrics'. Idempotent: normalising twice changes nothing more.
     """
     pieces = _CODE.split(text)
     codes = _CODE.findall(text)
-    out = [_normalize_prose(pieces[0], config)]
+    out = [_normalize_prose(pieces[0], normalize)]
     for code, prose in zip(codes, pieces[1:], strict=True):
-        out += [code, _normalize_prose(prose, config)]
+        out += [code, _normalize_prose(prose, normalize)]
     return "".join(out)
 
 
