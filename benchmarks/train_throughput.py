@@ -12,8 +12,9 @@ Bases (``--base``):
                   the model's <end_of_turn> row has 100 near-copies among rows the tokenizer never produces, as a
                   pretrained (not instruction-tuned) Gemma's sits among its <unused*> rows. The row is not
                   distinct, so the defaults train it with the adapter (``train_turn_end``): peft wraps the tied
-                  head in trainable token rows. Every setting gets the same model, so TRL trains the row too (its
-                  fused LM head reads ``lm_head.weight``, which peft's wrapper returns with the row written in).
+                  head in trainable token rows. TRL 1.16's SFTTrainer cannot train such a head (its fused LM
+                  head reads ``lm_head.bias``, which peft's wrapper lacks: AttributeError), so its baselines train
+                  LoRA alone: they do less work than the defaults, and do not learn to end their turns.
   random          the random model as built: its <end_of_turn> row is distinct, nothing is added to LoRA.
 
 Settings:
@@ -127,7 +128,7 @@ def worker(workdir: Path, setting: str, chunk_size: int | None) -> dict:
     from transformers import AutoTokenizer
 
     from persian_qlora.measure import PhaseMeter
-    from persian_qlora.modeling import build_qlora_model
+    from persian_qlora.modeling import LoraSettings, build_qlora_model
     from persian_qlora.training import TrainConfig, make_trainer
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
@@ -135,7 +136,10 @@ def worker(workdir: Path, setting: str, chunk_size: int | None) -> dict:
     steps = len(data) // (BATCH * ACCUMULATION)
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     torch.manual_seed(0)
-    model = build_qlora_model(str(workdir / "model"))
+    # TRL 1.16's fused LM head reads `lm_head.bias`, which peft's trainable-token wrapper lacks (AttributeError):
+    # SFTTrainer cannot train the <end_of_turn> row, so its sides train LoRA alone.
+    lora = LoraSettings(train_turn_end=setting not in TRL_SETTINGS)
+    model = build_qlora_model(str(workdir / "model"), lora=lora)
     common = dict(
         output_dir=str(workdir / "runs" / setting.replace(" ", "")),
         per_device_train_batch_size=BATCH,
