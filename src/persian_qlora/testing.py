@@ -86,9 +86,7 @@ def _write_processor_configs(save_dir: Path, arch: str) -> None:
         (save_dir / name).write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def plant_turn_end_copies(
-    model_dir: str | Path, rows: Sequence[int] = range(1500, 1600), *, seed: int = 0
-) -> Path:
+def plant_turn_end_copies(model_dir: str | Path, rows: Sequence[int] = range(1500, 1600), *, seed: int = 0) -> Path:
     """Make a tiny checkpoint's ``<end_of_turn>`` row not distinct, as a pretrained (not instruction-tuned) Gemma's is.
 
     ``rows`` of the embedding (tied to the head) become near-copies of that row (noise of 0.4 its norm: cosine
