@@ -372,3 +372,96 @@ def test_evaluation_keeps_a_chunk_of_logits_not_all_of_them_at_gemma_vocabulary(
 
     assert plain.peak >= 2 * 4000 * vocab * 4  # at least the fp32 logits
     assert lean.peak <= 0.10 * plain.peak, (lean.peak, plain.peak)
+
+
+def _peft_with_trained_rows(path, tied: bool, rows: list[int]):
+    """A LoRA model training ``rows`` of its head with peft's trainable tokens, those rows moved off their frozen
+    values (peft starts them as copies, which would hide a path that ignores them). Tied: the rows are the
+    embedding's, shared with the head; untied: the head's own."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, tie_word_embeddings=tied)
+    if not tied:  # the untied head is missing from the tied checkpoint: give it weights of the embedding's scale
+        model.lm_head.weight.data = model.get_input_embeddings().weight.detach().flip(0).clone()
+    where = "embed_tokens" if tied else "lm_head"
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices={where: rows})
+    model = get_peft_model(model, config).train()
+    (delta,) = [p for name, p in model.named_parameters() if "trainable_tokens_delta" in name]
+    with torch.no_grad():
+        delta.add_(torch.randn_like(delta) * delta.std())
+    return model, delta
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5])
+@pytest.mark.parametrize("rows", ["few", "both ends"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_fused_loss_with_trained_token_rows_equals_the_plain_loss(tiny_gemma3_path, tied, rows, softcap):
+    """A head with peft's trained rows takes the fused path: two vocabulary-sized matmuls per row (the recomputing
+    path takes three), the loss, the input gradient and the rows' gradient those of the plain loss."""
+    tokenizer, features = _features(tiny_gemma3_path, count=2)
+    vocab = AutoConfig.from_pretrained(tiny_gemma3_path).vocab_size
+    trained_rows = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), 700, 1500] if rows == "few" else [0, vocab - 1]
+    model, delta = _peft_with_trained_rows(tiny_gemma3_path, tied, trained_rows)
+    head = model.get_output_embeddings()
+    batch = GemmaChatCollator.for_model(tokenizer, model)(features)
+    labels = batch.pop("labels")
+    labelled = (labels != IGNORE_INDEX).nonzero()
+    labels[tuple(labelled[-1])], labels[tuple(labelled[-2])] = trained_rows[0], trained_rows[-1]  # rows as targets
+    with torch.no_grad():
+        states = final_hidden_states(model, model.get_base_model(), **batch, use_cache=False)
+    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    hidden = states.clone().requires_grad_()
+    logits = head(hidden[:, :-1]).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    plain.backward()
+    expected_hidden, expected_rows = hidden.grad, delta.grad
+    delta.grad = None
+
+    hidden = states.clone().requires_grad_()
+    with _VocabularyMatmuls(vocab) as head_matmuls:
+        lean = chunked_causal_lm_loss(hidden, labels, head, softcap=softcap, chunk_size=37)
+        lean.backward()
+    assert head_matmuls.macs == 2 * trained * model.config.hidden_size * vocab
+    torch.testing.assert_close(lean, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, expected_hidden, rtol=1e-5, atol=1e-6)
+    assert expected_rows.abs().max() > 1e-4  # the rows' gradient is there to compare
+    torch.testing.assert_close(delta.grad, expected_rows, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pretrained_like_path(tmp_path_factory):
+    from persian_qlora.testing import plant_turn_end_copies
+
+    return plant_turn_end_copies(build_tiny_gemma(tmp_path_factory.mktemp("pretrained-like"), "gemma3"))
+
+
+def test_the_defaults_on_a_pretrained_like_base_take_the_fused_path(pretrained_like_path):
+    """The defaults train <end_of_turn>'s row of a base where it is not distinct: the head is wrapped by peft, and
+    the loss the trainer computes is still fused (two head matmuls per row), with the plain loss's gradients for the
+    LoRA weights and the trained row (reached through both the embedding and the tied head)."""
+    tokenizer, features = _features(pretrained_like_path, count=2)
+    torch.manual_seed(0)
+    model = build_lora_model(str(pretrained_like_path), gradient_checkpointing=False)
+    assert type(model.get_output_embeddings()).__name__ == "TrainableTokensWrapper"
+    (delta,) = [p for name, p in model.named_parameters() if "trainable_tokens_delta" in name]
+    with torch.no_grad():
+        delta.add_(torch.randn_like(delta) * delta.std())
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # zero at initialisation: the LoRA A weights would get no gradient to compare
+            torch.nn.init.normal_(parameter, std=0.02)
+    batch = GemmaChatCollator.for_model(tokenizer, model)(features)
+    trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    _plain_loss(model, batch, None).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    config = model.config
+    with _VocabularyMatmuls(config.vocab_size) as head_matmuls:
+        lean_model_loss(model, batch.pop("labels"), chunk_size=37, **batch, use_cache=False).backward()
+    assert head_matmuls.macs == 2 * trained * config.hidden_size * config.vocab_size
+    assert any("trainable_tokens_delta" in name for name in expected)
+    _assert_close(_grads(model), expected)

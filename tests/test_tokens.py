@@ -3,33 +3,23 @@ fine-tune trains are never generated."""
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from persian_qlora import GemmaChatCollator, PersianChatDataset
 from persian_qlora.generation import evaluation_pairs, generate
 from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model
-from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer
+from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer, plant_turn_end_copies
 from persian_qlora.tokens import TURN_END, indistinct_tokens, untrained_token_ids
 from persian_qlora.training import TrainConfig, make_trainer
 
-COPIES = 100
+COPIES = range(1500, 1600)  # ordinary tokens no reply in the bundled corpus ends with
 
 
 @pytest.fixture(scope="module")
 def planted_path(tmp_path_factory):
     """A tiny Gemma 3 whose <end_of_turn> row has 100 near-copies, as a pretrained Gemma's has 6,242 <unused*>."""
-    path = build_tiny_gemma(tmp_path_factory.mktemp("planted"), "gemma3", seed=1)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    turn_end = tokenizer.convert_tokens_to_ids(TURN_END)
-    weights = load_file(path / "model.safetensors")
-    table = weights["model.embed_tokens.weight"]
-    generator = torch.Generator().manual_seed(0)
-    copies = torch.arange(1500, 1500 + COPIES)  # ordinary tokens no reply in the bundled corpus ends with
-    noise = torch.randn(COPIES, table.shape[1], generator=generator) * table[turn_end].norm() * 0.05
-    table[copies] = table[turn_end] + noise
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+    return plant_turn_end_copies(build_tiny_gemma(tmp_path_factory.mktemp("planted"), "gemma3", seed=1), COPIES)
 
 
 def test_untrained_tokens_are_the_reserve_and_the_placeholders():

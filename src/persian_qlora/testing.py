@@ -8,7 +8,7 @@ re-exported here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ __all__ = [
     "chained_conversations",
     "gemma3_chat_template",
     "lognormal_lengths",
+    "plant_turn_end_copies",
 ]
 
 
@@ -83,6 +84,33 @@ def _write_processor_configs(save_dir: Path, arch: str) -> None:
     preprocessor["processor_class"] = processor["processor_class"]
     for name, content in (("preprocessor_config.json", preprocessor), ("processor_config.json", processor)):
         (save_dir / name).write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def plant_turn_end_copies(model_dir: str | Path, rows: Sequence[int] = range(1500, 1600), *, seed: int = 0) -> Path:
+    """Make a tiny checkpoint's ``<end_of_turn>`` row not distinct, as a pretrained (not instruction-tuned) Gemma's is.
+
+    ``rows`` of the embedding (tied to the head) become near-copies of that row (noise of 0.4 its norm: cosine
+    about 0.93 at any width), as Gemma 3 270M's 6,242 ``<unused*>`` rows sit around it, so
+    :func:`~persian_qlora.tokens.indistinct_tokens` finds it and the defaults train it (``train_turn_end``). The
+    default rows are ordinary tokens no reply in the bundled corpus ends with.
+    Rewrites ``model.safetensors`` in place and returns ``model_dir``.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from persian_qlora.tokens import TURN_END
+
+    model_dir = Path(model_dir)
+    turn_end = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(TURN_END)
+    weights = load_file(model_dir / "model.safetensors")
+    name = next(key for key in weights if key.endswith("embed_tokens.weight"))
+    table = weights[name]
+    rows = torch.tensor(list(rows))
+    noise = torch.randn(len(rows), table.shape[1], generator=torch.Generator().manual_seed(seed))
+    table[rows] = table[turn_end] + noise / noise.norm(dim=1, keepdim=True) * table[turn_end].norm() * 0.4
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    return model_dir
 
 
 def lognormal_lengths(count: int, mean: float = 310.0, sigma: float = 1.0, cap: int = 4000) -> list[int]:
