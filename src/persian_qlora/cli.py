@@ -268,6 +268,7 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         verify={None: False, "all": True, "tensors": "tensors"}[args.verify],
+        strict=args.strict,
     )
     print(
         f"merged {args.adapter} into {base} ({args.merge_base} base, {args.dtype}): {result.merged_tensors} tensors "
@@ -357,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["all", "tensors"],
         help="re-read every written tensor and compare merged and base+adapter logits (needs the model in fp32); "
         "'--verify tensors': the per-tensor check alone, in the merge's own memory",
+    )
+    merge.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a base whose name or config differs from the one the adapter was trained on (default: warn)",
     )
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model and its card to the hub")
     merge.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
