@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -31,8 +32,10 @@ GEMMA3_LAYOUT = {
     "query_pre_attn_scalar": 256,
 }
 # Measured on the tiny model over the 8 test conversations below: bf16 0.0 (the checkpoint is bf16), f16 9.5e-7,
-# q8_0 3.3e-2. The bounds leave room for other seeds and CPUs.
-LOGIT_TOLERANCE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1}
+# q8_0 3.3e-2, q4_0 0.46 (its largest |logit| is 0.83: a random tiny model's weights have no structure for 4 bits to
+# keep, so this bound only holds the file to "the same model, coarsely"). The bounds leave room for other seeds and
+# CPUs.
+LOGIT_TOLERANCE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1, "q4_0": 0.6}
 PERSIAN_TEXTS = [
     "سلام! می\u200cخواهم درباره\u200cی تخت\u200cجمشید بدانم.",  # ZWNJ (U+200C) inside words
     "کتاب\u200cها را به کتابخانه\u200cی دانشگاه برگرداندم؛ ۱۲۳ صفحه مانده بود.",
@@ -68,10 +71,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
-    """The checkpoint exported once per quantisation; Q8_0 a few rows at a time, as a real embedding is."""
+    """The checkpoint exported once per quantisation, a few rows at a time, as a real embedding is."""
     directory = tmp_path_factory.mktemp("gguf")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_module, "_Q8_0_CHUNK_ELEMENTS", 1000)
+        patch.setattr(export_module, "_CHUNK_ELEMENTS", 1000)
         return {q: export_gguf(checkpoint, directory / f"tiny.{q}.gguf", quantization=q) for q in LOGIT_TOLERANCE}
 
 
@@ -164,7 +167,7 @@ def test_logits_and_greedy_replies_match_the_checkpoint(
         greedy.append((expected.argmax(-1)[clear], got.argmax(-1)[clear]))
     assert largest <= LOGIT_TOLERANCE[quantization], largest
     assert all(torch.equal(expected_ids, got_ids) for expected_ids, got_ids in greedy)
-    if quantization != "q8_0":  # a random tiny model's logits are near ties, which 8-bit weights may flip
+    if quantization in ("bf16", "f16"):  # a random tiny model's logits are near ties, which 8 or 4 bits may flip
         prompts, replies = checkpoint_replies
         assert generate(model, gguf_tokenizer, prompts, max_new_tokens=12).texts == replies
 
@@ -175,6 +178,7 @@ def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
     assert fields["general.architecture"] == "gemma3"
     assert fields["gemma3.block_count"] == 6 and fields["gemma3.attention.key_length"] == 256
     assert fields["gemma3.rope.freq_base"] == 1_000_000.0 and fields["gemma3.attention.sliding_window"] == 64
+    assert fields["gemma3.rope.freq_base_swa"] == 10_000.0  # the local layers' base, as llama.cpp's converter writes
     assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.tokens"]) == len(tokenizer)
     assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
@@ -194,6 +198,23 @@ def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
     assert norm.tensor_type == gguf.GGMLQuantizationType.F32
     weights = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).model.layers[0].input_layernorm
     np.testing.assert_array_equal(norm.data, weights.weight.detach().numpy() + 1)  # llama.cpp multiplies by it
+
+
+def test_a_q4_0_file_holds_4_bit_weights_and_keeps_the_tied_embedding_at_8_bits(checkpoint, exported):
+    """The embedding is also the output matrix: llama.cpp's quantizer keeps it at 6 bits; gguf writes 8."""
+    result = exported["q4_0"]
+    assert result.quantization == "q4_0"
+    assert _fields(result.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    tensors = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    weight = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).model.layers[0].mlp.down_proj
+    written = tensors["blk.0.ffn_down.weight"]
+    np.testing.assert_array_equal(  # the bytes are gguf's Q4_0 of the stored weight
+        np.asarray(written.data), gguf.quants.quantize(weight.weight.detach().numpy(), gguf.GGMLQuantizationType.Q4_0)
+    )
+    assert result.path.stat().st_size < 0.7 * exported["q8_0"].path.stat().st_size
 
 
 def test_the_modelfile_runs_the_file_with_gemma_turns_and_the_recipe_sampling(exported):
@@ -253,14 +274,22 @@ def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):
 
 
 def test_an_unknown_quantization_is_refused_before_any_work(checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="quantization must be one of auto, bf16, f16, q8_0; got 'q4_k_m'"):
-        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q4_k_m")
+    with pytest.raises(ValueError, match="quantization must be one of auto, bf16, f16, q8_0, q4_0; got 'q3'"):
+        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q3")
+    for k_quant in ("q4_k_m", "q5_k_m", "q6_k"):
+        with pytest.raises(PersianQLoRAError, match=f"{k_quant}.* needs llama.cpp's quantizer \\(the 'llama' extra"):
+            export_gguf(checkpoint, tmp_path / "x.gguf", quantization=k_quant)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_lora_adapter_is_refused_with_merge_first(tmp_path):
-    (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(PersianQLoRAError, match="LoRA adapter.*persian-qlora merge"):
-        export_gguf(tmp_path, tmp_path / "x.gguf")
+def test_a_lora_adapter_is_refused_with_merge_first(tiny_gemma3_path, tmp_path):
+    """As trainer.save_model() writes an adapter: its config and its weights (adapter_model.safetensors)."""
+    from persian_qlora.modeling import build_lora_model
+
+    build_lora_model(str(tiny_gemma3_path), gradient_checkpointing=False).save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(PersianQLoRAError, match="LoRA adapter, not a model: merge it into its base first"):
+        export_gguf(tmp_path / "adapter", tmp_path / "x.gguf")
 
 
 def test_gemma3n_and_other_architectures_are_refused(tiny_gemma3n_path, tmp_path):
@@ -299,11 +328,11 @@ def test_writes_are_refused_or_leave_nothing_behind(checkpoint, exported, tmp_pa
 
     encode, written = export_module._encode, []
 
-    def fail_after_two(planned):  # a failure part-way through the tensors, e.g. a full disk
+    def fail_after_two(planned, block):  # a failure part-way through the tensors, e.g. a full disk
         if len(written) == 2:
             raise OSError("disk full")
         written.append(planned.name)
-        return encode(planned)
+        return encode(planned, block)
 
     monkeypatch.setattr(export_module, "_encode", fail_after_two)
     with pytest.raises(OSError, match="disk full"):
@@ -497,3 +526,39 @@ def test_llama_cpp_ends_a_greedy_reply_on_end_of_turn_where_transformers_does(en
     completion = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1)["choices"][0]
     assert completion["finish_reason"] == "stop"
     assert llm.tokenize(completion["text"].encode(), add_bos=False, special=True) == reply[:-1]
+
+
+def test_the_export_streams_a_block_of_rows_at_a_time(checkpoint, tmp_path, monkeypatch):
+    """No model is built: every tensor is read from the safetensors once, a block of rows at a time, so memory grows
+    with a block, not with the model (benchmarks/export_memory.py measures it at real size)."""
+    reads, read_tensor = [], export_module.read_tensor
+
+    def recording_read(stored, rows=None):
+        block = read_tensor(stored, rows)
+        reads.append((stored.name, block.numel(), math.prod(stored.shape[1:])))
+        return block
+
+    monkeypatch.setattr(export_module, "_CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(export_module, "read_tensor", recording_read)
+    result = export_gguf(checkpoint, tmp_path / "streamed.gguf", quantization="q8_0")
+    assert all(elements <= max(4096, row) for _, elements, row in reads)
+    assert sum(elements for _, elements, _ in reads) == result.parameters  # each weight read once
+    assert len({name for name, _, _ in reads}) == result.tensors < len(reads)
+
+
+def test_the_export_reads_the_template_and_sampling_from_their_own_modules(checkpoint, tmp_path):
+    """Not from the package top (whose lazy names are what users call) nor from the chat session."""
+    code = (
+        "import sys, persian_qlora; from persian_qlora.export import export_gguf; "
+        "export_gguf(sys.argv[1], sys.argv[2]); "
+        "print(sorted(set(vars(persian_qlora)) & set(persian_qlora.__all__)), 'persian_qlora.chat' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint), str(tmp_path / "x.gguf")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "['__version__'] False"
