@@ -19,7 +19,7 @@ from persian_qlora import MissingExtraError, PersianChatDataset, PersianQLoRAErr
 from persian_qlora.cli import main
 from persian_qlora.export import export_gguf
 from persian_qlora.merging import render_model_card
-from persian_qlora.testing import build_tiny_gemma
+from persian_qlora.testing import build_tiny_gemma, complete_merges
 
 gguf = pytest.importorskip("gguf")
 
@@ -43,30 +43,11 @@ PERSIAN_TEXTS = [
 ]
 
 
-def _complete_merges(directory):
-    """Give the tiny tokenizer every merge its vocabulary implies, ranked in piece order, as a tokenizer converted
-    from SentencePiece (Gemma's) has. The tiny tokenizer, trained with tokenizers' BpeTrainer, keeps only the merges
-    it learned (684 fewer), so llama.cpp's SentencePiece rules would split some words differently, and
-    export_gguf refuses it (test_a_tokenizer_llama_cpp_would_split_differently_is_refused)."""
-    path = directory / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    vocab = data["model"]["vocab"]
-    pieces = set(vocab) - {t["content"] for t in data["added_tokens"]}
-    data["model"]["merges"] = [
-        [piece[:cut], piece[cut:]]
-        for piece in sorted(pieces, key=vocab.__getitem__)
-        for cut in range(1, len(piece))
-        if piece[:cut] in pieces and piece[cut:] in pieces
-    ]
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return directory
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny Gemma 3 with real Gemma 3's layout, stored in bf16 as real Gemma and merged models are."""
     path = build_tiny_gemma(tmp_path_factory.mktemp("gemma3-layout"), "gemma3", dtype=torch.bfloat16, **GEMMA3_LAYOUT)
-    return _complete_merges(path)
+    return complete_merges(path)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +240,7 @@ def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):
     padded = AutoModelForCausalLM.from_pretrained(path)
     padded.resize_token_embeddings(2112)  # 64 rows no token uses, as Gemma 3 4B has 262208 rows for 262144 tokens
     padded.save_pretrained(path)
-    result = export_gguf(_complete_merges(path), tmp_path / "text.gguf")
+    result = export_gguf(complete_merges(path), tmp_path / "text.gguf")
     assert result.quantization == "bf16"  # auto: the checkpoint's own type
     tensors = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
     assert len(tensors) == 2 + 6 * 13  # embedding, final norm, 13 per layer: no vision tensor
