@@ -83,6 +83,7 @@ def child(side: str, base: str, output: str, quantization: str, old_module: str)
     else:
         spec = importlib.util.spec_from_file_location("old_export", old_module)
         module = importlib.util.module_from_spec(spec)
+        sys.modules["old_export"] = module  # its dataclasses look their module up there
         spec.loader.exec_module(module)
         export_gguf = module.export_gguf
     from transformers import AutoModelForCausalLM  # noqa: F401 (what the in-memory side imports inside)

@@ -43,8 +43,9 @@ def complete_merges(save_dir: str | Path, vocabulary_size: int | None = None) ->
     merges from the pieces). The tiny tokenizer, trained with tokenizers' BpeTrainer, keeps only the merges it
     learned, so llama.cpp would split some words differently, and the export refuses it as built.
 
-    ``vocabulary_size`` first grows the vocabulary to that many tokens with pieces joined from two of its pieces:
-    a tokenizer as large as Gemma's (262,144), for benchmarks that must write a real-size embedding.
+    ``vocabulary_size`` first grows the vocabulary to that many tokens with pieces joined from two of its pieces
+    (within a word): a tokenizer as large as Gemma's (262,144), for benchmarks that must write a real-size
+    embedding.
     """
     path = Path(save_dir) / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -53,7 +54,9 @@ def complete_merges(save_dir: str | Path, vocabulary_size: int | None = None) ->
     normal = [p for p in sorted(vocab, key=vocab.__getitem__) if p not in added and not p.startswith("<0x")]
     if vocabulary_size is not None:
         size, next_id = len(set(vocab) | added), max(vocab.values()) + 1
-        joined = (left + right for left in normal for right in normal)
+        # Within a word, as SentencePiece's pieces are: never across a newline or before a word's leading "▁".
+        inner = [piece for piece in normal if "\n" not in piece]
+        joined = (left + right for left in inner for right in inner if not right.startswith("▁"))
         while size < vocabulary_size:
             piece = next(joined)
             if piece not in vocab:
