@@ -5,6 +5,7 @@ against its original GGUF."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -543,3 +544,224 @@ def test_the_export_reads_the_template_and_sampling_from_their_own_modules(check
         check=True,
     )
     assert done.stdout.strip().splitlines()[-1] == "['__version__'] False"
+
+
+def test_one_command_takes_an_adapter_to_a_gguf_file_and_leaves_no_merge_behind(checkpoint, tmp_path, capsys):
+    """export-gguf --adapter: the file equals merging then exporting, and the temporary merge is removed."""
+    from persian_qlora.merging import merge_to_fp16
+    from persian_qlora.modeling import LoraSettings, build_lora_model
+
+    torch.manual_seed(0)
+    lora = LoraSettings(extra={"init_lora_weights": False})  # B random too: the merge changes every target
+    model = build_lora_model(str(checkpoint), lora=lora, gradient_checkpointing=False)
+    model.save_pretrained(tmp_path / "adapter")
+    model.base_loading.save(tmp_path / "adapter")
+    out = tmp_path / "ollama"
+    command = ["export-gguf", "--adapter", str(tmp_path / "adapter"), "--output", str(out / "fa.gguf")]
+    assert main([*command, "--quantization", "q8_0"]) == 0
+    assert "ollama create" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["fa.Modelfile", "fa.gguf"]  # the merge folder is gone
+
+    merge_to_fp16(checkpoint, tmp_path / "adapter", tmp_path / "merged")
+    apart = export_gguf(tmp_path / "merged", tmp_path / "apart.gguf", quantization="q8_0")
+    together = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(out / "fa.gguf").tensors}
+    assert together == {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(apart.path).tensors}
+    base = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(_export_base(checkpoint, tmp_path)).tensors}
+    assert together["blk.0.attn_q.weight"] != base["blk.0.attn_q.weight"]  # the adapter is in it
+
+    assert main([*command]) == 2  # the file exists: refused before any merge
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["fa.Modelfile", "fa.gguf"]
+
+
+def _export_base(checkpoint, tmp_path):
+    return export_gguf(checkpoint, tmp_path / "base.gguf", quantization="q8_0").path
+
+
+class _GoTemplate:
+    """The few constructs of Go's text/template that the Modelfile template uses, interpreted as Go does, so that
+    its rendering can be held to the Jinja template's: text; actions with ``{{-``/``-}}`` trimming every adjacent
+    white space; ``$x := e`` and ``$x = e`` (a block's new variables end with it, assignments reach outer ones);
+    ``range $i, $m := e``; ``if``/``else if``/``else``/``end``; fields (``.Messages``, ``$.Messages``, ``$m.Role``);
+    string and integer literals; the functions eq, not, len and slice; and Go's truth (empty strings and lists are
+    false). Anything else raises, so a template using more cannot pass by being misread."""
+
+    _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
+    _TOKEN = re.compile(
+        r'\s*(\(|\)|"(?:[^"\\]|\\.)*"|\$[A-Za-z_]*(?:\.[A-Za-z_]+)*|\.[A-Za-z_]+(?:\.[A-Za-z_]+)*|:=|=|,|\d+|[A-Za-z_]+)'
+    )
+
+    def __init__(self, text):
+        pieces, position = [], 0
+        for match in self._ACTION.finditer(text):
+            pieces.append(["text", text[position : match.start()]])
+            pieces.append(["action", match.group(2).strip(), bool(match.group(1)), bool(match.group(3))])
+            position = match.end()
+        pieces.append(["text", text[position:]])
+        for i, piece in enumerate(pieces):
+            if piece[0] == "action":
+                if piece[2]:
+                    pieces[i - 1][1] = pieces[i - 1][1].rstrip(" \t\r\n")
+                if piece[3]:
+                    pieces[i + 1][1] = pieces[i + 1][1].lstrip(" \t\r\n")
+        self._pieces = pieces
+
+    def render(self, data):
+        self._position, self._data = 0, data
+        body, stop = self._block()
+        assert stop is None, f"unexpected {{{{{stop}}}}}"
+        out = []
+        self._run(body, [{"$": data}], out)
+        return "".join(out)
+
+    def _block(self):
+        """Nodes up to an {{end}} / {{else...}} at this level, and that closing action."""
+        nodes = []
+        while self._position < len(self._pieces):
+            piece = self._pieces[self._position]
+            self._position += 1
+            if piece[0] == "text":
+                nodes.append(("text", piece[1]))
+                continue
+            action = piece[1]
+            if action == "end" or action.startswith("else"):
+                return nodes, action
+            if action.startswith("if "):
+                branches, rest = [], action[3:]
+                while True:
+                    body, stop = self._block()
+                    branches.append((self._parse(rest), body))
+                    if stop.startswith("else if "):
+                        rest = stop[len("else if ") :]
+                    elif stop == "else":
+                        otherwise, stop = self._block()
+                        assert stop == "end"
+                        nodes.append(("if", branches, otherwise))
+                        break
+                    else:
+                        assert stop == "end"
+                        nodes.append(("if", branches, []))
+                        break
+            elif action.startswith("range "):
+                names, _, expression = action[len("range ") :].partition(":=")
+                body, stop = self._block()
+                assert stop == "end"
+                nodes.append(("range", [n.strip() for n in names.split(",")], self._parse(expression), body))
+            elif re.fullmatch(r"\$\w+\s*:?=.*", action, re.DOTALL):
+                name, operator, expression = re.match(r"(\$\w+)\s*(:?=)(.*)", action, re.DOTALL).groups()
+                nodes.append(("set", name, operator == ":=", self._parse(expression)))
+            else:
+                nodes.append(("print", self._parse(action)))
+        return nodes, None
+
+    def _parse(self, text):
+        tokens = self._TOKEN.findall(text)
+        assert "".join(tokens) == re.sub(r"\s+", "", text), f"cannot read {text!r}"
+        tokens = [t.strip() for t in tokens]
+        expression, rest = self._command(tokens)
+        assert not rest, f"cannot read {text!r}"
+        return expression
+
+    def _command(self, tokens):
+        operands = []
+        while tokens and tokens[0] != ")":
+            if tokens[0] == "(":
+                inner, tokens = self._command(tokens[1:])
+                assert tokens and tokens[0] == ")"
+                operands.append(inner)
+                tokens = tokens[1:]
+            else:
+                operands.append(("value", tokens[0]))
+                tokens = tokens[1:]
+        if operands and operands[0][0] == "value" and operands[0][1] in ("eq", "not", "len", "slice"):
+            return ("call", operands[0][1], operands[1:]), tokens
+        assert len(operands) == 1, f"not a function: {operands}"
+        return operands[0], tokens
+
+    def _value(self, expression, scopes):
+        if expression[0] == "call":
+            _, name, arguments = expression
+            values = [self._value(argument, scopes) for argument in arguments]
+            if name == "eq":
+                return values[0] == values[1]
+            if name == "not":
+                return not self._true(values[0])
+            if name == "len":
+                return len(values[0])
+            return values[0][values[1] :] if len(values) == 2 else values[0][values[1] : values[2]]
+        token = expression[1]
+        if token.startswith('"'):
+            return json.loads(token)
+        if token.isdigit():
+            return int(token)
+        if token.startswith("$"):
+            name, *fields = token.split(".")
+            value = next(scope[name] for scope in reversed(scopes) if name in scope)
+        elif token.startswith("."):
+            value, fields = scopes[0]["$"], token[1:].split(".")
+        else:
+            raise AssertionError(f"unknown identifier {token!r}")
+        for field in fields:
+            value = value[field]
+        return value
+
+    @staticmethod
+    def _true(value):
+        return bool(value)  # Go: false, 0, "", empty list or map, nil
+
+    def _run(self, nodes, scopes, out):
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "print":
+                out.append(str(self._value(node[1], scopes)))
+            elif node[0] == "set":
+                _, name, declare, expression = node
+                value = self._value(expression, scopes)
+                if declare:
+                    scopes[-1][name] = value
+                else:
+                    next(scope for scope in reversed(scopes) if name in scope)[name] = value
+            elif node[0] == "if":
+                _, branches, otherwise = node
+                body = next((b for c, b in branches if self._true(self._value(c, scopes))), otherwise)
+                self._run(body, [*scopes, {}], out)
+            else:
+                _, names, expression, body = node
+                for index, item in enumerate(self._value(expression, scopes)):
+                    self._run(body, [*scopes, dict(zip(names, (index, item), strict=True))], out)
+
+
+CONVERSATIONS = {
+    "system and several turns": [
+        {"role": "system", "content": "تو دستیاری مؤدب هستی و کوتاه پاسخ می\u200cدهی."},
+        {"role": "user", "content": "سلام! تخت\u200cجمشید کجاست؟"},
+        {"role": "assistant", "content": "در نزدیکی شیراز، در استان فارس."},
+        {"role": "user", "content": "چند سال قدمت دارد؟\nلطفاً با عدد بگو."},
+        {"role": "assistant", "content": "حدود ۲۵۰۰ سال."},
+        {"role": "user", "content": "ممنون"},
+    ],
+    "no system": [
+        {"role": "user", "content": "یک جمله درباره\u200cی باران بنویس."},
+        {"role": "assistant", "content": "باران، زمین تشنه را سیراب می\u200cکند."},
+        {"role": "user", "content": "و یکی درباره\u200cی برف؟"},
+    ],
+    "system and one question": [
+        {"role": "system", "content": "فقط فارسی بنویس."},
+        {"role": "user", "content": "What is 2+2?"},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_the_modelfile_template_renders_what_gemmas_chat_template_renders(checkpoint, name):
+    """Ollama renders the Modelfile's Go template; transformers the tokenizer's Jinja one. For the same messages
+    both give the same prompt, up to the <bos> that llama.cpp adds itself (the Jinja template writes it). Message
+    texts here have no leading or trailing white space: Gemma's template trims it, Go templates cannot."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    messages = CONVERSATIONS[name]
+    jinja = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    modelfile = export_module.render_modelfile("x.gguf")
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    go = _GoTemplate(template).render({"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+    assert tokenizer.bos_token + go == jinja

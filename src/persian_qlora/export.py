@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from persian_qlora.generation import REFERENCE_SAMPLING
 if TYPE_CHECKING:
     import gguf
 
-__all__ = ["GGUFExport", "Quantization", "export_gguf", "render_modelfile"]
+__all__ = ["GGUFExport", "Quantization", "export_adapter_gguf", "export_gguf", "render_modelfile"]
 
 logger = logging.getLogger("persian_qlora")
 
@@ -493,3 +494,35 @@ def export_gguf(
     atomic_write_text(modelfile, render_modelfile(output_file.name))
     logger.info("wrote %s (%s, %d tensors) and %s", output_file, quantization, len(plan), modelfile.name)
     return GGUFExport(output_file, modelfile, quantization, len(plan), parameters)
+
+
+def export_adapter_gguf(
+    adapter: str | Path,
+    output_file: str | Path,
+    *,
+    base: str | Path | None = None,
+    quantization: Quantization = "auto",
+    overwrite: bool = False,
+    **merge_kwargs: Any,
+) -> GGUFExport:
+    """From a LoRA adapter to a GGUF file and its Ollama Modelfile in one step: merge ``adapter`` into ``base`` (by
+    default the adapter's ``base_model_name_or_path``) with :func:`~persian_qlora.merge_to_fp16`, streaming into a
+    temporary folder beside ``output_file`` that is removed afterwards, then :func:`export_gguf` it.
+
+    ``merge_kwargs`` go to the merge (``merge_base``, ``gguf_file``, ``strict``...); the merge writes bf16, and
+    ``quantization="auto"`` keeps it."""
+    from persian_qlora.merging import merge_to_fp16
+
+    adapter, output_file = Path(adapter), Path(output_file)
+    if base is None:
+        config_file = adapter / "adapter_config.json"
+        if not config_file.is_file():
+            raise PersianQLoRAError(f"{adapter} has no adapter_config.json; pass the folder trainer.save_model() wrote")
+        base = json.loads(config_file.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    for path in (output_file, output_file.with_suffix(".Modelfile")):  # before the merge's minutes, not after
+        if path.exists() and not overwrite:
+            raise PersianQLoRAError(f"{path} already exists; choose another output file or pass overwrite=True")
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output_file.name}.merge-", dir=output_file.parent) as work:
+        merged = merge_to_fp16(base, adapter, Path(work) / "merged", **merge_kwargs).output_dir
+        return export_gguf(merged, output_file, quantization=quantization, overwrite=overwrite)
