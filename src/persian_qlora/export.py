@@ -445,9 +445,9 @@ def export_gguf(
 
     if quantization in _LLAMA_CPP_QUANTIZATIONS:
         raise PersianQLoRAError(
-            f"quantization={quantization!r} needs llama.cpp's quantizer (the 'llama' extra, which this version of "
-            "persian-qlora does not have yet): export bf16 and run llama.cpp's llama-quantize on the file, or "
-            "choose q8_0 or q4_0, which are written here"
+            f"quantization={quantization!r} needs llama.cpp's quantizer (the 'llama' extra), which export_gguf does "
+            "not run yet: export bf16 and run llama.cpp's llama-quantize on the file, or choose q8_0 or q4_0, which "
+            "are written here"
         )
     if quantization != "auto" and quantization not in _QUANTIZATIONS:
         raise ValueError(f"quantization must be one of auto, {', '.join(_QUANTIZATIONS)}; got {quantization!r}")
