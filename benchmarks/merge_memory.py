@@ -70,13 +70,17 @@ def _config(model: str, layers: int | None):
 
 def build_base(model: str, layers: int | None, directory: Path) -> Path:
     """Write a random bf16 checkpoint at real dimensions, tensor by tensor (never the whole model in memory)."""
+    return write_checkpoint(_config(model, layers), directory)
+
+
+def write_checkpoint(config, directory: Path) -> Path:
+    """Write a random bf16 checkpoint of ``config`` with the tiny tokenizer, tensor by tensor."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from persian_qlora._shards import PlannedTensor, ShardWriter, plan_shards
     from persian_qlora.testing import build_tiny_tokenizer
 
-    config = _config(model, layers)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     named = list(meta.named_parameters())  # tied weights once: no lm_head, as on the hub

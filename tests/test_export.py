@@ -5,7 +5,9 @@ against its original GGUF."""
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -18,7 +20,7 @@ from persian_qlora import MissingExtraError, PersianChatDataset, PersianQLoRAErr
 from persian_qlora.cli import main
 from persian_qlora.export import export_gguf
 from persian_qlora.merging import render_model_card
-from persian_qlora.testing import build_tiny_gemma
+from persian_qlora.testing import build_tiny_gemma, complete_merges
 
 gguf = pytest.importorskip("gguf")
 
@@ -31,8 +33,10 @@ GEMMA3_LAYOUT = {
     "query_pre_attn_scalar": 256,
 }
 # Measured on the tiny model over the 8 test conversations below: bf16 0.0 (the checkpoint is bf16), f16 9.5e-7,
-# q8_0 3.3e-2. The bounds leave room for other seeds and CPUs.
-LOGIT_TOLERANCE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1}
+# q8_0 3.3e-2, q4_0 0.46 (its largest |logit| is 0.83: a random tiny model's weights have no structure for 4 bits to
+# keep, so this bound only holds the file to "the same model, coarsely"). The bounds leave room for other seeds and
+# CPUs.
+LOGIT_TOLERANCE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1, "q4_0": 0.6}
 PERSIAN_TEXTS = [
     "سلام! می\u200cخواهم درباره\u200cی تخت\u200cجمشید بدانم.",  # ZWNJ (U+200C) inside words
     "کتاب\u200cها را به کتابخانه\u200cی دانشگاه برگرداندم؛ ۱۲۳ صفحه مانده بود.",
@@ -40,38 +44,19 @@ PERSIAN_TEXTS = [
 ]
 
 
-def _complete_merges(directory):
-    """Give the tiny tokenizer every merge its vocabulary implies, ranked in piece order, as a tokenizer converted
-    from SentencePiece (Gemma's) has. The tiny tokenizer, trained with tokenizers' BpeTrainer, keeps only the merges
-    it learned (684 fewer), so llama.cpp's SentencePiece rules would split some words differently, and
-    export_gguf refuses it (test_a_tokenizer_llama_cpp_would_split_differently_is_refused)."""
-    path = directory / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    vocab = data["model"]["vocab"]
-    pieces = set(vocab) - {t["content"] for t in data["added_tokens"]}
-    data["model"]["merges"] = [
-        [piece[:cut], piece[cut:]]
-        for piece in sorted(pieces, key=vocab.__getitem__)
-        for cut in range(1, len(piece))
-        if piece[:cut] in pieces and piece[cut:] in pieces
-    ]
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return directory
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny Gemma 3 with real Gemma 3's layout, stored in bf16 as real Gemma and merged models are."""
     path = build_tiny_gemma(tmp_path_factory.mktemp("gemma3-layout"), "gemma3", dtype=torch.bfloat16, **GEMMA3_LAYOUT)
-    return _complete_merges(path)
+    return complete_merges(path)
 
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
-    """The checkpoint exported once per quantisation; Q8_0 a few rows at a time, as a real embedding is."""
+    """The checkpoint exported once per quantisation, a few rows at a time, as a real embedding is."""
     directory = tmp_path_factory.mktemp("gguf")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_module, "_Q8_0_CHUNK_ELEMENTS", 1000)
+        patch.setattr(export_module, "_CHUNK_ELEMENTS", 1000)
         return {q: export_gguf(checkpoint, directory / f"tiny.{q}.gguf", quantization=q) for q in LOGIT_TOLERANCE}
 
 
@@ -164,7 +149,7 @@ def test_logits_and_greedy_replies_match_the_checkpoint(
         greedy.append((expected.argmax(-1)[clear], got.argmax(-1)[clear]))
     assert largest <= LOGIT_TOLERANCE[quantization], largest
     assert all(torch.equal(expected_ids, got_ids) for expected_ids, got_ids in greedy)
-    if quantization != "q8_0":  # a random tiny model's logits are near ties, which 8-bit weights may flip
+    if quantization in ("bf16", "f16"):  # a random tiny model's logits are near ties, which 8 or 4 bits may flip
         prompts, replies = checkpoint_replies
         assert generate(model, gguf_tokenizer, prompts, max_new_tokens=12).texts == replies
 
@@ -175,6 +160,7 @@ def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
     assert fields["general.architecture"] == "gemma3"
     assert fields["gemma3.block_count"] == 6 and fields["gemma3.attention.key_length"] == 256
     assert fields["gemma3.rope.freq_base"] == 1_000_000.0 and fields["gemma3.attention.sliding_window"] == 64
+    assert fields["gemma3.rope.freq_base_swa"] == 10_000.0  # the local layers' base, as llama.cpp's converter writes
     assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.tokens"]) == len(tokenizer)
     assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
@@ -194,6 +180,23 @@ def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
     assert norm.tensor_type == gguf.GGMLQuantizationType.F32
     weights = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).model.layers[0].input_layernorm
     np.testing.assert_array_equal(norm.data, weights.weight.detach().numpy() + 1)  # llama.cpp multiplies by it
+
+
+def test_a_q4_0_file_holds_4_bit_weights_and_keeps_the_tied_embedding_at_8_bits(checkpoint, exported):
+    """The embedding is also the output matrix: llama.cpp's quantizer keeps it at 6 bits; gguf writes 8."""
+    result = exported["q4_0"]
+    assert result.quantization == "q4_0"
+    assert _fields(result.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    tensors = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    weight = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).model.layers[0].mlp.down_proj
+    written = tensors["blk.0.ffn_down.weight"]
+    np.testing.assert_array_equal(  # the bytes are gguf's Q4_0 of the stored weight
+        np.asarray(written.data), gguf.quants.quantize(weight.weight.detach().numpy(), gguf.GGMLQuantizationType.Q4_0)
+    )
+    assert result.path.stat().st_size < 0.7 * exported["q8_0"].path.stat().st_size
 
 
 def test_the_modelfile_runs_the_file_with_gemma_turns_and_the_recipe_sampling(exported):
@@ -238,7 +241,7 @@ def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):
     padded = AutoModelForCausalLM.from_pretrained(path)
     padded.resize_token_embeddings(2112)  # 64 rows no token uses, as Gemma 3 4B has 262208 rows for 262144 tokens
     padded.save_pretrained(path)
-    result = export_gguf(_complete_merges(path), tmp_path / "text.gguf")
+    result = export_gguf(complete_merges(path), tmp_path / "text.gguf")
     assert result.quantization == "bf16"  # auto: the checkpoint's own type
     tensors = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
     assert len(tensors) == 2 + 6 * 13  # embedding, final norm, 13 per layer: no vision tensor
@@ -253,14 +256,22 @@ def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):
 
 
 def test_an_unknown_quantization_is_refused_before_any_work(checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="quantization must be one of auto, bf16, f16, q8_0; got 'q4_k_m'"):
-        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q4_k_m")
+    with pytest.raises(ValueError, match="quantization must be one of auto, bf16, f16, q8_0, q4_0; got 'q3'"):
+        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q3")
+    for k_quant in ("q4_k_m", "q5_k_m", "q6_k"):
+        with pytest.raises(PersianQLoRAError, match=f"{k_quant}.* needs llama.cpp's quantizer \\(the 'llama' extra"):
+            export_gguf(checkpoint, tmp_path / "x.gguf", quantization=k_quant)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_lora_adapter_is_refused_with_merge_first(tmp_path):
-    (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(PersianQLoRAError, match="LoRA adapter.*persian-qlora merge"):
-        export_gguf(tmp_path, tmp_path / "x.gguf")
+def test_a_lora_adapter_is_refused_with_merge_first(tiny_gemma3_path, tmp_path):
+    """As trainer.save_model() writes an adapter: its config and its weights (adapter_model.safetensors)."""
+    from persian_qlora.modeling import build_lora_model
+
+    build_lora_model(str(tiny_gemma3_path), gradient_checkpointing=False).save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(PersianQLoRAError, match="LoRA adapter, not a model: merge it into its base first"):
+        export_gguf(tmp_path / "adapter", tmp_path / "x.gguf")
 
 
 def test_gemma3n_and_other_architectures_are_refused(tiny_gemma3n_path, tmp_path):
@@ -299,11 +310,11 @@ def test_writes_are_refused_or_leave_nothing_behind(checkpoint, exported, tmp_pa
 
     encode, written = export_module._encode, []
 
-    def fail_after_two(planned):  # a failure part-way through the tensors, e.g. a full disk
+    def fail_after_two(planned, block):  # a failure part-way through the tensors, e.g. a full disk
         if len(written) == 2:
             raise OSError("disk full")
         written.append(planned.name)
-        return encode(planned)
+        return encode(planned, block)
 
     monkeypatch.setattr(export_module, "_encode", fail_after_two)
     with pytest.raises(OSError, match="disk full"):
@@ -511,3 +522,260 @@ def test_llama_cpp_ends_a_greedy_reply_on_end_of_turn_where_transformers_does(en
     completion = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1)["choices"][0]
     assert completion["finish_reason"] == "stop"
     assert llm.tokenize(completion["text"].encode(), add_bos=False, special=True) == reply[:-1]
+
+
+def test_the_export_streams_a_block_of_rows_at_a_time(checkpoint, tmp_path, monkeypatch):
+    """No model is built: every tensor is read from the safetensors once, a block of rows at a time, so memory grows
+    with a block, not with the model (benchmarks/export_memory.py measures it at real size)."""
+    reads, read_tensor = [], export_module.read_tensor
+
+    def recording_read(stored, rows=None):
+        block = read_tensor(stored, rows)
+        reads.append((stored.name, block.numel(), math.prod(stored.shape[1:])))
+        return block
+
+    monkeypatch.setattr(export_module, "_CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(export_module, "read_tensor", recording_read)
+    result = export_gguf(checkpoint, tmp_path / "streamed.gguf", quantization="q8_0")
+    assert all(elements <= max(4096, row) for _, elements, row in reads)
+    assert sum(elements for _, elements, _ in reads) == result.parameters  # each weight read once
+    assert len({name for name, _, _ in reads}) == result.tensors < len(reads)
+
+
+def test_the_export_reads_the_template_and_sampling_from_their_own_modules(checkpoint, tmp_path):
+    """Not from the package top (whose lazy names are what users call) nor from the chat session."""
+    code = (
+        "import sys, persian_qlora; from persian_qlora.export import export_gguf; "
+        "export_gguf(sys.argv[1], sys.argv[2]); "
+        "print(sorted(set(vars(persian_qlora)) & set(persian_qlora.__all__)), 'persian_qlora.chat' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint), str(tmp_path / "x.gguf")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "['__version__'] False"
+
+
+def test_one_command_takes_an_adapter_to_a_gguf_file_and_leaves_no_merge_behind(checkpoint, tmp_path, capsys):
+    """export-gguf --adapter: the file equals merging then exporting, and the temporary merge is removed."""
+    from persian_qlora.merging import merge_to_fp16
+    from persian_qlora.modeling import LoraSettings, build_lora_model
+
+    torch.manual_seed(0)
+    lora = LoraSettings(extra={"init_lora_weights": False})  # B random too: the merge changes every target
+    model = build_lora_model(str(checkpoint), lora=lora, gradient_checkpointing=False)
+    model.save_pretrained(tmp_path / "adapter")
+    model.base_loading.save(tmp_path / "adapter")
+    out = tmp_path / "ollama"
+    command = ["export-gguf", "--adapter", str(tmp_path / "adapter"), "--output", str(out / "fa.gguf")]
+    assert main([*command, "--quantization", "q8_0"]) == 0
+    assert "ollama create" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["fa.Modelfile", "fa.gguf"]  # the merge folder is gone
+
+    merge_to_fp16(checkpoint, tmp_path / "adapter", tmp_path / "merged")
+    apart = export_gguf(tmp_path / "merged", tmp_path / "apart.gguf", quantization="q8_0")
+    together = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(out / "fa.gguf").tensors}
+    assert together == {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(apart.path).tensors}
+    base = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(_export_base(checkpoint, tmp_path)).tensors}
+    assert together["blk.0.attn_q.weight"] != base["blk.0.attn_q.weight"]  # the adapter is in it
+
+    assert main([*command]) == 2  # the file exists: refused before any merge
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["fa.Modelfile", "fa.gguf"]
+
+
+def _export_base(checkpoint, tmp_path):
+    return export_gguf(checkpoint, tmp_path / "base.gguf", quantization="q8_0").path
+
+
+class _GoTemplate:
+    """The few constructs of Go's text/template that the Modelfile template uses, interpreted as Go does, so that
+    its rendering can be held to the Jinja template's: text; actions with ``{{-``/``-}}`` trimming every adjacent
+    white space; ``$x := e`` and ``$x = e`` (a block's new variables end with it, assignments reach outer ones);
+    ``range $i, $m := e``; ``if``/``else if``/``else``/``end``; fields (``.Messages``, ``$.Messages``, ``$m.Role``);
+    string and integer literals; the functions eq, not, len and slice; and Go's truth (empty strings and lists are
+    false). Anything else raises, so a template using more cannot pass by being misread."""
+
+    _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
+    _TOKEN = re.compile(
+        r'\s*(\(|\)|"(?:[^"\\]|\\.)*"|\$[A-Za-z_]*(?:\.[A-Za-z_]+)*|\.[A-Za-z_]+(?:\.[A-Za-z_]+)*|:=|=|,|\d+|[A-Za-z_]+)'
+    )
+
+    def __init__(self, text):
+        pieces, position = [], 0
+        for match in self._ACTION.finditer(text):
+            pieces.append(["text", text[position : match.start()]])
+            pieces.append(["action", match.group(2).strip(), bool(match.group(1)), bool(match.group(3))])
+            position = match.end()
+        pieces.append(["text", text[position:]])
+        for i, piece in enumerate(pieces):
+            if piece[0] == "action":
+                if piece[2]:
+                    pieces[i - 1][1] = pieces[i - 1][1].rstrip(" \t\r\n")
+                if piece[3]:
+                    pieces[i + 1][1] = pieces[i + 1][1].lstrip(" \t\r\n")
+        self._pieces = pieces
+
+    def render(self, data):
+        self._position, self._data = 0, data
+        body, stop = self._block()
+        assert stop is None, f"unexpected {{{{{stop}}}}}"
+        out = []
+        self._run(body, [{"$": data}], out)
+        return "".join(out)
+
+    def _block(self):
+        """Nodes up to an {{end}} / {{else...}} at this level, and that closing action."""
+        nodes = []
+        while self._position < len(self._pieces):
+            piece = self._pieces[self._position]
+            self._position += 1
+            if piece[0] == "text":
+                nodes.append(("text", piece[1]))
+                continue
+            action = piece[1]
+            if action == "end" or action.startswith("else"):
+                return nodes, action
+            if action.startswith("if "):
+                branches, rest = [], action[3:]
+                while True:
+                    body, stop = self._block()
+                    branches.append((self._parse(rest), body))
+                    if stop.startswith("else if "):
+                        rest = stop[len("else if ") :]
+                    elif stop == "else":
+                        otherwise, stop = self._block()
+                        assert stop == "end"
+                        nodes.append(("if", branches, otherwise))
+                        break
+                    else:
+                        assert stop == "end"
+                        nodes.append(("if", branches, []))
+                        break
+            elif action.startswith("range "):
+                names, _, expression = action[len("range ") :].partition(":=")
+                body, stop = self._block()
+                assert stop == "end"
+                nodes.append(("range", [n.strip() for n in names.split(",")], self._parse(expression), body))
+            elif re.fullmatch(r"\$\w+\s*:?=.*", action, re.DOTALL):
+                name, operator, expression = re.match(r"(\$\w+)\s*(:?=)(.*)", action, re.DOTALL).groups()
+                nodes.append(("set", name, operator == ":=", self._parse(expression)))
+            else:
+                nodes.append(("print", self._parse(action)))
+        return nodes, None
+
+    def _parse(self, text):
+        tokens = self._TOKEN.findall(text)
+        assert "".join(tokens) == re.sub(r"\s+", "", text), f"cannot read {text!r}"
+        tokens = [t.strip() for t in tokens]
+        expression, rest = self._command(tokens)
+        assert not rest, f"cannot read {text!r}"
+        return expression
+
+    def _command(self, tokens):
+        operands = []
+        while tokens and tokens[0] != ")":
+            if tokens[0] == "(":
+                inner, tokens = self._command(tokens[1:])
+                assert tokens and tokens[0] == ")"
+                operands.append(inner)
+                tokens = tokens[1:]
+            else:
+                operands.append(("value", tokens[0]))
+                tokens = tokens[1:]
+        if operands and operands[0][0] == "value" and operands[0][1] in ("eq", "not", "len", "slice"):
+            return ("call", operands[0][1], operands[1:]), tokens
+        assert len(operands) == 1, f"not a function: {operands}"
+        return operands[0], tokens
+
+    def _value(self, expression, scopes):
+        if expression[0] == "call":
+            _, name, arguments = expression
+            values = [self._value(argument, scopes) for argument in arguments]
+            if name == "eq":
+                return values[0] == values[1]
+            if name == "not":
+                return not self._true(values[0])
+            if name == "len":
+                return len(values[0])
+            return values[0][values[1] :] if len(values) == 2 else values[0][values[1] : values[2]]
+        token = expression[1]
+        if token.startswith('"'):
+            return json.loads(token)
+        if token.isdigit():
+            return int(token)
+        if token.startswith("$"):
+            name, *fields = token.split(".")
+            value = next(scope[name] for scope in reversed(scopes) if name in scope)
+        elif token.startswith("."):
+            value, fields = scopes[0]["$"], token[1:].split(".")
+        else:
+            raise AssertionError(f"unknown identifier {token!r}")
+        for field in fields:
+            value = value[field]
+        return value
+
+    @staticmethod
+    def _true(value):
+        return bool(value)  # Go: false, 0, "", empty list or map, nil
+
+    def _run(self, nodes, scopes, out):
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "print":
+                out.append(str(self._value(node[1], scopes)))
+            elif node[0] == "set":
+                _, name, declare, expression = node
+                value = self._value(expression, scopes)
+                if declare:
+                    scopes[-1][name] = value
+                else:
+                    next(scope for scope in reversed(scopes) if name in scope)[name] = value
+            elif node[0] == "if":
+                _, branches, otherwise = node
+                body = next((b for c, b in branches if self._true(self._value(c, scopes))), otherwise)
+                self._run(body, [*scopes, {}], out)
+            else:
+                _, names, expression, body = node
+                for index, item in enumerate(self._value(expression, scopes)):
+                    self._run(body, [*scopes, dict(zip(names, (index, item), strict=True))], out)
+
+
+CONVERSATIONS = {
+    "system and several turns": [
+        {"role": "system", "content": "تو دستیاری مؤدب هستی و کوتاه پاسخ می\u200cدهی."},
+        {"role": "user", "content": "سلام! تخت\u200cجمشید کجاست؟"},
+        {"role": "assistant", "content": "در نزدیکی شیراز، در استان فارس."},
+        {"role": "user", "content": "چند سال قدمت دارد؟\nلطفاً با عدد بگو."},
+        {"role": "assistant", "content": "حدود ۲۵۰۰ سال."},
+        {"role": "user", "content": "ممنون"},
+    ],
+    "no system": [
+        {"role": "user", "content": "یک جمله درباره\u200cی باران بنویس."},
+        {"role": "assistant", "content": "باران، زمین تشنه را سیراب می\u200cکند."},
+        {"role": "user", "content": "و یکی درباره\u200cی برف؟"},
+    ],
+    "system and one question": [
+        {"role": "system", "content": "فقط فارسی بنویس."},
+        {"role": "user", "content": "What is 2+2?"},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_the_modelfile_template_renders_what_gemmas_chat_template_renders(checkpoint, name):
+    """Ollama renders the Modelfile's Go template; transformers the tokenizer's Jinja one. For the same messages
+    both give the same prompt, up to the <bos> that llama.cpp adds itself (the Jinja template writes it). Message
+    texts here have no leading or trailing white space: Gemma's template trims it, Go templates cannot."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    messages = CONVERSATIONS[name]
+    jinja = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    modelfile = export_module.render_modelfile("x.gguf")
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    go = _GoTemplate(template).render({"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+    assert tokenizer.bos_token + go == jinja

@@ -2,8 +2,10 @@
 written (the whole original checkpoint), adapter kinds and tied heads, refusals, and atomic, refusing writes."""
 
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -11,7 +13,7 @@ import torch
 from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from persian_qlora import PersianChatDataset, PersianQLoRAError
 from persian_qlora.families import FAMILIES
@@ -552,3 +554,108 @@ def test_push_to_hub_is_refused_offline_and_leaves_the_model(trained, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == before
     with pytest.raises(PersianQLoRAError, match="no README.md model card"):
         push_to_hub(tmp_path, "someone/persian-gemma")
+
+
+def test_the_output_folder_and_files_are_readable_as_mkdir_and_open_make_them(trained, tmp_path):
+    """A serving container or another user reads the merged model: the umask decides, not mkdtemp's 0o700."""
+    base, adapter = trained
+    merge_to_fp16(base, adapter, tmp_path / "merged")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in (tmp_path / "merged").iterdir():
+        assert path.stat().st_mode & 0o444 == 0o444 & ~umask, path
+
+
+def test_every_written_file_and_the_folders_are_flushed_to_disk(trained, tmp_path, monkeypatch):
+    """Index, config, card and copied files too, not only the shards; and the parent folder after the rename."""
+    base, adapter = trained
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    merge_to_fp16(base, adapter, tmp_path / "merged", max_shard_size="100KB")
+    out = tmp_path / "merged"
+    names = {path.name for path in out.iterdir()}
+    assert {"model.safetensors.index.json", "config.json", "README.md", "tokenizer.json"} <= names
+    flushed = {Path(path).name for path in synced}  # the staging folder's names: the files before the rename
+    assert names <= flushed, names - flushed
+    assert str(tmp_path) in synced  # the rename, recorded in the parent folder
+    last_staging = max(i for i, path in enumerate(synced) if ".partial-" in Path(path).name)
+    assert synced.index(str(tmp_path), last_staging) > last_staging  # after the rename
+
+
+def test_an_untied_head_stays_untied_when_the_base_config_leaves_tying_to_its_default(tmp_path):
+    """tie_word_embeddings defaults to true: a config without the key says the written head is the embedding.
+    transformers 5.25 happens to keep two differing tensors apart (with a warning), but a reader that goes by the
+    config (the GGUF export, older transformers, other runtimes) re-ties them."""
+    base = build_tiny_gemma(tmp_path / "base", "gemma3")
+    config = json.loads((base / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (base / "config.json").write_text(json.dumps(config))
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM", target_modules=r".*lm_head")
+    model = _adapter(base, tmp_path / "adapter", lora=lora)
+    result = merge_to_fp16(base, tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    assert result.tied_head is False
+    assert AutoConfig.from_pretrained(tmp_path / "merged").tie_word_embeddings is False
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.lm_head.weight is not merged.get_input_embeddings().weight
+    torch.testing.assert_close(_logits(merged, _ids(base)), _logits(model, _ids(base)), rtol=1e-5, atol=1e-4)
+
+
+def test_comparing_two_whole_trained_modules_reads_a_block_at_a_time(tmp_path, monkeypatch):
+    """Replaced.same_as (is a head trained whole the same as the embedding?) holds one block of each, not both
+    whole tensors in fp32 (5.4 GB for Gemma 3 4B's head)."""
+    from safetensors.torch import save_file
+
+    import persian_qlora._adapter_edits as edits
+    from persian_qlora._shards import read_safetensors_file
+
+    torch.manual_seed(0)
+    head = torch.randn(64, 32)
+    other = head.clone()
+    other[-1, -1] += 1  # differs in its last row only
+    save_file({"head": head, "same": head.clone(), "other": other}, tmp_path / "t.safetensors")
+    stored = read_safetensors_file(tmp_path / "t.safetensors")
+    monkeypatch.setattr(edits, "COPY_CHUNK", 8 * 32 * 4)  # blocks of 8 fp32 rows
+    read_rows, read_tensor = [], edits.read_tensor
+
+    def recording_read(tensor, rows=None):
+        read_rows.append(tensor.shape[0] if rows is None else rows.stop - rows.start)
+        return read_tensor(tensor, rows)
+
+    monkeypatch.setattr(edits, "read_tensor", recording_read)
+    assert edits.Replaced(stored["head"], "a").same_as(edits.Replaced(stored["same"], "b"))
+    assert max(read_rows) == 8 and sum(read_rows) == 2 * 64
+    assert not edits.Replaced(stored["head"], "a").same_as(edits.Replaced(stored["other"], "b"))
+
+
+def test_a_base_other_than_the_recorded_one_is_warned_about_or_refused_under_strict(tmp_path, caplog):
+    """A -pt base instead of the -it one the adapter was trained on has the same shape: only the record tells."""
+    base = build_tiny_gemma(tmp_path / "gemma-it", "gemma3")
+    _adapter(base, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / PROVENANCE_FILE).read_text())["base_config_hash"]
+    with caplog.at_level("WARNING", logger="persian_qlora"):
+        merge_to_fp16(base, tmp_path / "adapter", tmp_path / "same", strict=True)
+    assert "may not belong" not in caplog.text
+
+    other = shutil.copytree(base, tmp_path / "gemma-pt")  # another name, the same config
+    with caplog.at_level("WARNING", logger="persian_qlora"):
+        merge_to_fp16(other, tmp_path / "adapter", tmp_path / "renamed")
+    assert "may not belong to this base: it was trained on" in caplog.text
+    with pytest.raises(PersianQLoRAError, match="trained on .*gemma-it.*, not .*gemma-pt.*pass strict=False"):
+        merge_to_fp16(other, tmp_path / "adapter", tmp_path / "refused", strict=True)
+
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))  # same name, another config
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="persian_qlora"):
+        merge_to_fp16(base, tmp_path / "adapter", tmp_path / "reconfigured")
+    assert "config differs from the config of the base it was trained on" in caplog.text
+    with pytest.raises(PersianQLoRAError, match="config differs"):
+        merge_to_fp16(base, tmp_path / "adapter", tmp_path / "refused", strict=True)
+    assert not (tmp_path / "refused").exists()

@@ -28,7 +28,7 @@ _EXPORTS = {
         "PersianQLoRAError",
         "TemplateError",
     ],
-    "export": ["GGUFExport", "export_gguf"],
+    "export": ["GGUFExport", "export_adapter_gguf", "export_gguf"],
     "generation": ["GenerationResult", "evaluation_pairs", "generate", "load_for_inference", "stream_reply"],
     "loss": ["chunked_causal_lm_loss"],
     "masking": ["GemmaTurnMarkers", "model_turn_labels"],
@@ -88,7 +88,7 @@ if TYPE_CHECKING:
         PersianQLoRAError,
         TemplateError,
     )
-    from persian_qlora.export import GGUFExport, export_gguf
+    from persian_qlora.export import GGUFExport, export_adapter_gguf, export_gguf
     from persian_qlora.generation import GenerationResult, evaluation_pairs, generate, load_for_inference, stream_reply
     from persian_qlora.loss import chunked_causal_lm_loss
     from persian_qlora.masking import GemmaTurnMarkers, model_turn_labels

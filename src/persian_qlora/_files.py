@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
     with staged_file(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk: a crash after this cannot leave it half-written."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 @contextmanager
@@ -27,9 +35,9 @@ def staged_file(target: str | Path) -> Iterator[Path]:
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield temporary
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
+        fsync_file(temporary)
         os.replace(temporary, target)
+        fsync_file(target.parent)  # the rename itself lives in the folder's entries
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -57,16 +65,24 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = target.with_name(f".{target.name}.partial-{secrets.token_hex(6)}")
+    # Made by mkdir (0o777 less the umask), not tempfile.mkdtemp (0o700): a server or another user reads the output.
+    staging.mkdir()
     try:
         yield staging
+        for path in staging.rglob("*"):  # every file written into it (shards, index, config, card, copies)
+            if path.is_file():
+                fsync_file(path)
+        fsync_file(staging)
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
             target.rename(retired)
             staging.rename(target)
+            fsync_file(target.parent)
             shutil.rmtree(retired)
         else:
             staging.rename(target)
+            fsync_file(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -186,7 +186,7 @@ class TrainedModel:
         self.family = family
         self.text_only = text_only or not family.multimodal
         self.config = config
-        text = _meta_model(family.text(), config.get_text_config())
+        text = meta_model(family.text(), config.get_text_config())
         self.input_embedding = _module_name(text, text.get_input_embeddings())
         self.output_embedding = _module_name(text, text.get_output_embeddings())
         self.tied = text.get_output_embeddings().weight is text.get_input_embeddings().weight
@@ -201,7 +201,7 @@ class TrainedModel:
         exact type, whose name no skip pattern or ``_keep_in_fp32_modules`` entry matches)."""
         from transformers.quantizers.quantizers_utils import should_convert_module
 
-        model = self._text_model if self.text_only else _meta_model(self.family, self.config)
+        model = self._text_model if self.text_only else meta_model(self.family, self.config)
         skip = [*skip_modules, *(getattr(model, "_keep_in_fp32_modules", None) or [])]
         names = set()
         for name, module in model.named_modules():
@@ -212,7 +212,7 @@ class TrainedModel:
         return names
 
 
-def _meta_model(family: GemmaFamily, config: Any) -> nn.Module:
+def meta_model(family: GemmaFamily, config: Any) -> nn.Module:
     try:
         with torch.device("meta"):
             return family.model_class()(config)

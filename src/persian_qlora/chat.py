@@ -6,12 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from persian_qlora.generation import stream_reply
+from persian_qlora.generation import REFERENCE_SAMPLING, stream_reply
 
 __all__ = ["ChatSession", "REFERENCE_SAMPLING"]
-
-# The reference project's chat settings.
-REFERENCE_SAMPLING: dict[str, Any] = {"do_sample": True, "temperature": 0.1, "top_p": 0.95, "top_k": 64}
 
 
 @dataclass

@@ -313,6 +313,7 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         verify={None: False, "all": True, "tensors": "tensors"}[args.verify],
+        strict=args.strict,
     )
     print(
         f"merged {args.adapter} into {base} ({args.merge_base} base, {args.dtype}): {result.merged_tensors} tensors "
@@ -336,9 +337,23 @@ def _merge(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _export_gguf(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from persian_qlora.export import export_gguf
+    from persian_qlora.export import export_adapter_gguf, export_gguf
 
-    result = export_gguf(args.model, args.output, quantization=args.quantization, overwrite=args.overwrite)
+    if args.adapter is not None:
+        result = export_adapter_gguf(
+            args.adapter,
+            args.output,
+            base=args.base,
+            quantization=args.quantization,
+            overwrite=args.overwrite,
+            merge_base=args.merge_base,
+            gguf_file=args.gguf_file,
+            strict=args.strict,
+        )
+    else:
+        if args.base is not None or args.gguf_file is not None:
+            raise PersianQLoRAError("--base and --gguf-file go with --adapter; --model is already a whole model")
+        result = export_gguf(args.model, args.output, quantization=args.quantization, overwrite=args.overwrite)
     size = result.path.stat().st_size / 2**30
     print(f"wrote {result.path} ({result.quantization}, {result.tensors} tensors, {size:.2f} GiB)")
     print(f"and {result.modelfile}")
@@ -415,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-read every written tensor and compare merged and base+adapter logits (needs the model in fp32); "
         "'--verify tensors': the per-tensor check alone, in the merge's own memory",
     )
+    merge.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a base whose name or config differs from the one the adapter was trained on (default: warn)",
+    )
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model and its card to the hub")
     merge.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
     merge.set_defaults(run=_merge)
@@ -423,17 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
         "export-gguf",
         help="write a merged Gemma 3 as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile",
         description="Write a merged Gemma 3 (a 'merge' output or any Gemma 3 checkpoint) as one GGUF file, and an "
-        "Ollama Modelfile beside it (FILE with the suffix .Modelfile). See docs/export.md.",
+        "Ollama Modelfile beside it (FILE with the suffix .Modelfile). With --adapter, merge the adapter into its "
+        "base first (streaming, into a temporary folder removed afterwards). See docs/export.md.",
     )
-    export.add_argument("--model", required=True, help="the merged model directory (from merge)")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="the merged model directory (from merge)")
+    source.add_argument("--adapter", help="a LoRA adapter directory (from train): merged into --base, then exported")
+    export.add_argument("--base", help="with --adapter: base model id or path (default: the adapter's base)")
+    export.add_argument("--gguf-file", help="with --adapter: the base is this GGUF file (a path, or a file in --base)")
+    export.add_argument(
+        "--merge-base", choices=["original", "nf4"], default="original", help="with --adapter: see docs/merging.md"
+    )
+    export.add_argument(
+        "--strict", action="store_true", help="with --adapter: refuse a base other than the one it was trained on"
+    )
     _add_output_option(
         export, "output", required=True, metavar="FILE", help="the GGUF file to write, e.g. persian-gemma.q8_0.gguf"
     )
     export.add_argument(
         "--quantization",
-        choices=["auto", "bf16", "f16", "q8_0"],
+        choices=["auto", "bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
         default="auto",
-        help="weight type; auto: the checkpoint's own 16-bit type (norms stay F32 in every case)",
+        help="weight type; auto: the checkpoint's own 16-bit type (norms stay F32 in every case); q4_0 keeps the "
+        "tied embedding Q8_0; the k-quants need llama.cpp's quantizer, which the export does not run yet",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing file and Modelfile")
     export.set_defaults(run=_export_gguf)

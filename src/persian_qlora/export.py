@@ -1,7 +1,10 @@
 """`export_gguf`: a merged Gemma 3 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
 
 The file is written with the ``gguf`` package (the llama.cpp project's own Python writer): its ``GEMMA3``
-architecture, its tensor-name map, its metadata heuristics and its numpy Q8_0 quantisation. What goes in follows
+architecture, its tensor-name map, its metadata heuristics and its numpy Q8_0 and Q4_0 quantisation. The export
+streams: no model is built; each tensor is read from the checkpoint's safetensors a block of rows at a time, through
+the merge's shard reader, encoded and appended to the file, so memory grows with a block, not with the model.
+What goes in follows
 llama.cpp's ``convert_hf_to_gguf.py`` for Gemma 3, so that llama.cpp (and transformers' GGUF reader) read it as they
 read an official conversion:
 
@@ -22,6 +25,8 @@ import json
 import logging
 import math
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,19 +36,30 @@ import torch
 
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
+from persian_qlora._merge_plan import meta_model, text_name
+from persian_qlora._shards import INDEX_FILE, SINGLE_FILE, StoredTensor, read_checkpoint, read_tensor
+from persian_qlora.chat_template import gemma3_chat_template
 from persian_qlora.errors import MissingExtraError, PersianQLoRAError
-from persian_qlora.families import FAMILIES
+from persian_qlora.families import FAMILIES, GemmaFamily
+from persian_qlora.generation import REFERENCE_SAMPLING
 
 if TYPE_CHECKING:
     import gguf
 
-__all__ = ["GGUFExport", "Quantization", "export_gguf", "render_modelfile"]
+__all__ = ["GGUFExport", "Quantization", "export_adapter_gguf", "export_gguf", "render_modelfile"]
 
 logger = logging.getLogger("persian_qlora")
 
-Quantization = Literal["auto", "bf16", "f16", "q8_0"]
+Quantization = Literal["auto", "bf16", "f16", "q8_0", "q4_0"]
 # quantization -> (the GGML type of the weights, llama.cpp's file type)
-_QUANTIZATIONS = {"bf16": ("BF16", "MOSTLY_BF16"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+_QUANTIZATIONS = {
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# k-quants: gguf can read them but not write them; they need llama.cpp's own quantizer.
+_LLAMA_CPP_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q6_k")
 
 # What llama.cpp's Gemma 3 (llama-model.cpp, LLM_ARCH_GEMMA3) assumes instead of reading it from the file.
 _LLAMA_CPP_GLOBAL_EVERY = 6  # set_swa_pattern(6): layers 5, 11, 17, ... attend globally, the others locally
@@ -51,7 +67,7 @@ _LLAMA_CPP_LOCAL_ROPE_BASE = 10_000.0  # rope_freq_base_train_swa
 _LLAMA_CPP_27B_LAYERS = 62  # the one size whose query scale is 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _ADDED_TOKEN_SCORE = -1000.0  # what convert_hf_to_gguf.py gives control and user-defined pieces
-_Q8_0_CHUNK_ELEMENTS = 2**24  # quantise this many weights at a time, so a 262k-row embedding needs no f32 copy
+_CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
 
 # Gemma's chat template (persian_qlora/data/gemma3_chat_template.jinja) in Ollama's Go-template syntax: a system
 # message opens the first user turn, followed by a blank line; an unfinished last model turn is left open.
@@ -76,7 +92,7 @@ OLLAMA_GEMMA3_TEMPLATE = """{{- $system := "" }}
 class GGUFExport:
     path: Path
     modelfile: Path
-    quantization: str  # the one written: "bf16", "f16" or "q8_0"
+    quantization: str  # the one written: "bf16", "f16", "q8_0" or "q4_0"
     tensors: int
     parameters: int
 
@@ -91,10 +107,35 @@ class _Vocabulary:
 @dataclass(frozen=True)
 class _PlannedTensor:
     name: str
-    source: torch.Tensor
-    shape: tuple[int, ...]
+    source: StoredTensor
+    shape: tuple[int, ...]  # the source's, with the embedding and head cut to the tokenizer's rows
     type: gguf.GGMLQuantizationType
     norm: bool  # stored as 1 + w, in F32
+
+    def row_blocks(self) -> Iterator[slice]:
+        """The kept rows, a block of at most ``_CHUNK_ELEMENTS`` weights (at least one row) at a time."""
+        rows, width = self.shape[0], math.prod(self.shape[1:])
+        step = max(1, _CHUNK_ELEMENTS // max(1, width))
+        for start in range(0, rows, step):
+            yield slice(start, min(rows, start + step))
+
+
+class _StreamedTensor:
+    """The encoded bytes of one planned tensor, produced block by block when GGUFWriter writes them: the writer asks
+    an array only for ``nbytes`` and ``tofile``, so it never holds the whole tensor."""
+
+    def __init__(self, planned: _PlannedTensor) -> None:
+        self.planned = planned
+        self.nbytes = _nbytes(planned)
+
+    def tofile(self, handle) -> None:
+        written = 0
+        for rows in self.planned.row_blocks():
+            encoded = _encode(self.planned, read_tensor(self.planned.source, rows))
+            encoded.tofile(handle)
+            written += encoded.nbytes
+        if written != self.nbytes:
+            raise RuntimeError(f"GGUF export: {self.planned.name} encoded to {written} bytes, planned {self.nbytes}")
 
 
 def _import_gguf():
@@ -106,18 +147,23 @@ def _import_gguf():
 
 
 def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
-    """Refuse, with the reason, a directory that is not a full Gemma 3 checkpoint."""
+    """Refuse, with the reason, a directory that is not a full Gemma 3 checkpoint in safetensors."""
     if not merged_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {merged_dir}")
-    has_weights = any(merged_dir.glob("*.safetensors")) or any(merged_dir.glob("pytorch_model*.bin"))
+    has_weights = (merged_dir / SINGLE_FILE).is_file() or (merged_dir / INDEX_FILE).is_file()
     if (merged_dir / "adapter_config.json").is_file() and not has_weights:
         raise PersianQLoRAError(
             f"{merged_dir} is a LoRA adapter, not a model: merge it into its base first "
-            f"(persian-qlora merge --adapter {merged_dir} --output MERGED_DIR), then export MERGED_DIR"
+            f"(persian-qlora merge --adapter {merged_dir} --output MERGED_DIR, then export MERGED_DIR), or export "
+            f"in one step: persian-qlora export-gguf --adapter {merged_dir} --base BASE --output FILE"
         )
     config_file = merged_dir / "config.json"
     if not config_file.is_file() or not has_weights:
-        raise PersianQLoRAError(f"{merged_dir} is not a checkpoint directory (config.json and weights)")
+        pickled = any(merged_dir.glob("pytorch_model*.bin"))
+        raise PersianQLoRAError(
+            f"{merged_dir} is not a checkpoint directory (config.json and safetensors weights)"
+            + ("; its weights are pickled: re-save it with transformers' save_pretrained" if pickled else "")
+        )
     model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     family = FAMILIES.get(model_type)
     if family is None:
@@ -229,48 +275,64 @@ def _sentencepiece_vocabulary(tokenizer) -> _Vocabulary:
     return _Vocabulary(tokens, scores, types)
 
 
-def _plan_tensors(model, config, vocabulary_size: int, weight_type) -> list[_PlannedTensor]:
-    """Every tensor of the language model under its GGUF name, in the order it is written."""
+def _plan_tensors(
+    stored: dict[str, StoredTensor], family: GemmaFamily, config, tied: bool, vocabulary_size: int, weight_type
+) -> list[_PlannedTensor]:
+    """Every tensor of the language model under its GGUF name, in the order the model holds them (the order an
+    in-memory export wrote, so the file is the same), read from the checkpoint without building the model."""
     gguf = _import_gguf()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
-    decoder = model.get_decoder()
-    tensors = {f"model.{name}": tensor for name, tensor in decoder.state_dict().items()}
-    output = model.get_output_embeddings().weight
-    if output.data_ptr() != decoder.get_input_embeddings().weight.data_ptr():
-        tensors["lm_head.weight"] = output  # llama.cpp reuses token_embd when there is no output tensor
+    by_text = {text_name(family, name): tensor for name, tensor in stored.items()}
+    by_text.pop(None, None)  # the towers
+    text = meta_model(family.text(), config)
+    order = [f"model.{name}" for name in text.get_decoder().state_dict()]
+    if "lm_head.weight" in by_text and not tied:  # else llama.cpp reuses token_embd as the output
+        order.append("lm_head.weight")
+    missing = [name for name in order if name not in by_text]
+    if missing:
+        raise PersianQLoRAError(f"the checkpoint has no {missing[:3]}; is this a whole Gemma 3 checkpoint?")
     plan = []
-    for hf_name, tensor in tensors.items():
+    for hf_name in order:
+        source = by_text[hf_name]
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise PersianQLoRAError(f"no GGUF name for the Gemma 3 tensor {hf_name}; is this a Gemma 3 checkpoint?")
+        shape = source.shape
         if name in ("token_embd.weight", "output.weight"):
-            if tensor.shape[0] < vocabulary_size:
-                raise PersianQLoRAError(f"{hf_name} has {tensor.shape[0]} rows for {vocabulary_size} tokens")
-            tensor = tensor[:vocabulary_size]  # rows past the tokenizer are never used; llama.cpp wants none
-        norm = tensor.dim() == 1
+            if shape[0] < vocabulary_size:
+                raise PersianQLoRAError(f"{hf_name} has {shape[0]} rows for {vocabulary_size} tokens")
+            shape = (vocabulary_size, *shape[1:])  # rows past the tokenizer are never used; llama.cpp wants none
+        norm = len(shape) == 1
         tensor_type = gguf.GGMLQuantizationType.F32 if norm else weight_type
-        if tensor_type == gguf.GGMLQuantizationType.Q8_0 and tensor.shape[-1] % 32:
-            tensor_type = gguf.GGMLQuantizationType.F16  # Q8_0 needs rows of 32 weights; convert_hf_to_gguf too
-        plan.append(_PlannedTensor(name, tensor, tuple(tensor.shape), tensor_type, norm))
+        if tensor_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+            if name == "token_embd.weight" and tensor_type == gguf.GGMLQuantizationType.Q4_0 and tied:
+                # Also the output matrix: llama.cpp's quantizer keeps it at 6 bits (Q6_K), which gguf cannot write;
+                # Q8_0 is the nearest type it can.
+                tensor_type = gguf.GGMLQuantizationType.Q8_0
+            if shape[-1] % 32:
+                tensor_type = gguf.GGMLQuantizationType.F16  # blocks of 32 weights a row; convert_hf_to_gguf too
+        plan.append(_PlannedTensor(name, source, tuple(shape), tensor_type, norm))
     return plan
 
 
-def _encode(planned: _PlannedTensor):
-    """The tensor's bytes in its GGUF type; norms become 1 + w, as llama.cpp multiplies by the stored weight."""
+def _encode(planned: _PlannedTensor, block: torch.Tensor):
+    """A block of the tensor's rows in its GGUF type; norms become 1 + w, as llama.cpp multiplies by the stored
+    weight. Refuses a block that is not finite."""
     gguf = _import_gguf()
-    tensor, kind = planned.source.detach(), gguf.GGMLQuantizationType
+    kind = gguf.GGMLQuantizationType
+    if block.numel():
+        low, high = (float(v) for v in torch.aminmax(block.float()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise PersianQLoRAError(
+                f"non-finite weights in {planned.source.name} ({planned.source.file}); the checkpoint is broken"
+            )
     if planned.norm:
-        return (tensor.float() + 1.0).numpy()
+        return (block.float() + 1.0).numpy()
     if planned.type == kind.F16:
-        return tensor.to(torch.float16).numpy()
+        return block.to(torch.float16).numpy()
     if planned.type == kind.BF16:
-        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
-    rows = tensor.reshape(-1, planned.shape[-1])
-    encoded = np.empty(gguf.quant_shape_to_byte_shape(rows.shape, planned.type), dtype=np.uint8)
-    step = max(1, _Q8_0_CHUNK_ELEMENTS // rows.shape[1])
-    for start in range(0, rows.shape[0], step):
-        encoded[start : start + step] = gguf.quants.quantize(rows[start : start + step].float().numpy(), planned.type)
-    return encoded
+        return block.to(torch.bfloat16).view(torch.int16).numpy()
+    return gguf.quants.quantize(block.float().reshape(-1, planned.shape[-1]).numpy(), planned.type)
 
 
 def _nbytes(planned: _PlannedTensor) -> int:
@@ -290,6 +352,7 @@ def _write_architecture(writer, config) -> None:
     writer.add_value_length(config.head_dim)
     global_rope = config.rope_parameters["full_attention"]
     writer.add_rope_freq_base(global_rope["rope_theta"])
+    writer.add_rope_freq_base_swa(config.rope_parameters["sliding_attention"]["rope_theta"])  # as the converter does
     if global_rope.get("rope_type") == "linear":
         gguf = _import_gguf()
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -301,7 +364,6 @@ def _write_architecture(writer, config) -> None:
 
 
 def _write_tokenizer(writer, tokenizer, vocabulary: _Vocabulary) -> None:
-    from persian_qlora import gemma3_chat_template
     from persian_qlora.masking import GemmaTurnMarkers
 
     writer.add_tokenizer_model("llama")
@@ -327,8 +389,6 @@ def _write_general(writer, merged_dir: Path, parameters: int, file_type: int) ->
     """Name, size, licence and tags by gguf's own heuristics (model card, config, directory), as llama.cpp does,
     and the recipe's sampling, which llama.cpp takes as its defaults."""
     gguf = _import_gguf()
-    from persian_qlora.chat import REFERENCE_SAMPLING
-
     metadata = gguf.Metadata.load(None, merged_dir, None, parameters)
     metadata.name = metadata.name or merged_dir.name
     # A base model the card names by a local path (a merge of a local base) is no reference for anyone else, and
@@ -351,8 +411,6 @@ def _write_general(writer, merged_dir: Path, parameters: int, file_type: int) ->
 
 def render_modelfile(gguf_name: str) -> str:
     """An Ollama Modelfile for the GGUF file ``gguf_name`` beside it: Gemma's turns, the recipe's sampling."""
-    from persian_qlora.chat import REFERENCE_SAMPLING
-
     return "\n".join(
         [
             f"FROM ./{gguf_name}",
@@ -376,20 +434,29 @@ def export_gguf(
 ) -> GGUFExport:
     """Write the Gemma 3 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
 
-    ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 checkpoint (for
-    a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half
-    the size), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The Modelfile is ``output_file``
-    with the suffix ``.Modelfile``. Both are written atomically after a free-space check; an existing file is refused
-    unless ``overwrite=True``. Needs the ``gguf`` extra.
+    ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 checkpoint in
+    safetensors (for a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half
+    the size), ``"q4_0"`` (4-bit, about a quarter; the tied embedding, which is also the output matrix, stays
+    Q8_0), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The k-quants (``q4_k_m``...) need
+    llama.cpp's quantizer and are refused. Streams tensor by tensor: memory grows with a block of rows, not with the
+    model. The Modelfile is ``output_file`` with the suffix ``.Modelfile``. Both are written atomically after a
+    free-space check; an existing file is refused unless ``overwrite=True``. Needs the ``gguf`` extra.
     """
     gguf = _import_gguf()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    if quantization in _LLAMA_CPP_QUANTIZATIONS:
+        raise PersianQLoRAError(
+            f"quantization={quantization!r} needs llama.cpp's quantizer (the 'llama' extra), which export_gguf does "
+            "not run yet: export bf16 and run llama.cpp's llama-quantize on the file, or choose q8_0 or q4_0, which "
+            "are written here"
+        )
     if quantization != "auto" and quantization not in _QUANTIZATIONS:
         raise ValueError(f"quantization must be one of auto, {', '.join(_QUANTIZATIONS)}; got {quantization!r}")
     merged_dir, output_file = Path(model), Path(output_file)
     _check_is_gemma3_checkpoint(merged_dir)
-    config = AutoConfig.from_pretrained(merged_dir).get_text_config()
+    whole_config = AutoConfig.from_pretrained(merged_dir)
+    config = whole_config.get_text_config()
     _check_llama_cpp_runs_it_as_is(config)
     modelfile = output_file.with_suffix(".Modelfile")
     for path in (output_file, modelfile):
@@ -398,14 +465,14 @@ def export_gguf(
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     vocabulary = _sentencepiece_vocabulary(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto")
+    stored = read_checkpoint(merged_dir)
+    family = FAMILIES[whole_config.model_type]
+    tied = bool(getattr(whole_config, "tie_word_embeddings", True) and config.tie_word_embeddings)
     if quantization == "auto":  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto (fp32 -> bf16)
-        quantization = "f16" if model.get_input_embeddings().weight.dtype == torch.float16 else "bf16"
+        embedding = next(t for name, t in stored.items() if text_name(family, name) == "model.embed_tokens.weight")
+        quantization = "f16" if embedding.dtype == torch.float16 else "bf16"
     weight_type, file_type = _QUANTIZATIONS[quantization]
-    plan = _plan_tensors(model, config, len(vocabulary.tokens), gguf.GGMLQuantizationType[weight_type])
-    bad = [p.name for p in plan if not torch.isfinite(p.source).all()]
-    if bad:
-        raise PersianQLoRAError(f"{merged_dir}: non-finite weights in {bad[:3]}; the checkpoint is broken")
+    plan = _plan_tensors(stored, family, config, tied, len(vocabulary.tokens), gguf.GGMLQuantizationType[weight_type])
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3])
     parameters = sum(math.prod(p.shape) for p in plan)
@@ -422,10 +489,42 @@ def export_gguf(
             writer.write_header_to_file(temporary)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for planned in plan:  # one tensor in memory at a time
-                writer.write_tensor_data(_encode(planned))
+            for planned in plan:  # a block of one tensor in memory at a time
+                writer.write_tensor_data(_StreamedTensor(planned))
         finally:
             writer.close()
     atomic_write_text(modelfile, render_modelfile(output_file.name))
     logger.info("wrote %s (%s, %d tensors) and %s", output_file, quantization, len(plan), modelfile.name)
     return GGUFExport(output_file, modelfile, quantization, len(plan), parameters)
+
+
+def export_adapter_gguf(
+    adapter: str | Path,
+    output_file: str | Path,
+    *,
+    base: str | Path | None = None,
+    quantization: Quantization = "auto",
+    overwrite: bool = False,
+    **merge_kwargs: Any,
+) -> GGUFExport:
+    """From a LoRA adapter to a GGUF file and its Ollama Modelfile in one step: merge ``adapter`` into ``base`` (by
+    default the adapter's ``base_model_name_or_path``) with :func:`~persian_qlora.merge_to_fp16`, streaming into a
+    temporary folder beside ``output_file`` that is removed afterwards, then :func:`export_gguf` it.
+
+    ``merge_kwargs`` go to the merge (``merge_base``, ``gguf_file``, ``strict``...); the merge writes bf16, and
+    ``quantization="auto"`` keeps it."""
+    from persian_qlora.merging import merge_to_fp16
+
+    adapter, output_file = Path(adapter), Path(output_file)
+    if base is None:
+        config_file = adapter / "adapter_config.json"
+        if not config_file.is_file():
+            raise PersianQLoRAError(f"{adapter} has no adapter_config.json; pass the folder trainer.save_model() wrote")
+        base = json.loads(config_file.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    for path in (output_file, output_file.with_suffix(".Modelfile")):  # before the merge's minutes, not after
+        if path.exists() and not overwrite:
+            raise PersianQLoRAError(f"{path} already exists; choose another output file or pass overwrite=True")
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output_file.name}.merge-", dir=output_file.parent) as work:
+        merged = merge_to_fp16(base, adapter, Path(work) / "merged", **merge_kwargs).output_dir
+        return export_gguf(merged, output_file, quantization=quantization, overwrite=overwrite)

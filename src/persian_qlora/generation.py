@@ -18,9 +18,19 @@ import torch
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.measure import PhaseMeter
 
-__all__ = ["GenerationResult", "evaluation_pairs", "generate", "load_for_inference", "stop_token_ids", "stream_reply"]
+__all__ = [
+    "REFERENCE_SAMPLING",
+    "GenerationResult",
+    "evaluation_pairs",
+    "generate",
+    "load_for_inference",
+    "stop_token_ids",
+    "stream_reply",
+]
 
 Conversation = list[dict[str, str]]
+# The reference project's sampling settings: what chat uses, and what the GGUF export and its Modelfile carry.
+REFERENCE_SAMPLING: dict[str, Any] = {"do_sample": True, "temperature": 0.1, "top_p": 0.95, "top_k": 64}
 
 
 @dataclass

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -128,6 +129,8 @@ class BaseLoading:
     quantization: dict[str, Any] | None = None
     per_layer_embeddings_on_host: bool = False
     versions: dict[str, str | None] = field(default_factory=_versions)
+    # config_fingerprint() of the base's config: None in records written before persian-qlora recorded it
+    base_config_hash: str | None = None
 
     @property
     def family(self) -> GemmaFamily:
@@ -140,6 +143,27 @@ class BaseLoading:
 
     def torch_dtype(self, which: str = "load_dtype") -> torch.dtype:
         return getattr(torch, getattr(self, which))
+
+
+# Config entries that say how a checkpoint was saved, not what model it is.
+_NOT_THE_MODEL = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype")
+
+
+def config_fingerprint(config: Any) -> str:
+    """A SHA-256 of what a config says the model is (its architecture and every dimension), leaving out how it was
+    saved (its path, transformers version, dtype), so that a bf16 copy or another download of the same checkpoint
+    has the same fingerprint. Checkpoints of one shape (a ``-pt`` and its ``-it``) share it: the name tells those
+    apart."""
+
+    def model_only(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: model_only(value) for key, value in node.items() if key not in _NOT_THE_MODEL}
+        if isinstance(node, list):
+            return [model_only(value) for value in node]
+        return node
+
+    text = json.dumps(model_only(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_provenance(adapter_dir: str | Path) -> BaseLoading | None:
@@ -236,6 +260,7 @@ def load_base(
     dtype = resolve_dtype(dtype)
     config = AutoConfig.from_pretrained(path, **{k: load_kwargs[k] for k in _HUB_KWARGS if k in load_kwargs})
     family = family_of(config)
+    fingerprint = config_fingerprint(config)  # before the load can touch the config
     load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
     load_kwargs["device_map"] = device_map if device_map is not None else _default_device_map()
     if quantization_config is not None:
@@ -285,6 +310,7 @@ def load_base(
         ),
         quantization=_quantization_record(model, quantization_config) if quantization_config is not None else None,
         per_layer_embeddings_on_host=on_host,
+        base_config_hash=fingerprint,
     )
     return model, record
 

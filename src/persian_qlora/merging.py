@@ -54,7 +54,7 @@ from persian_qlora._shards import (
 )
 from persian_qlora.errors import PersianQLoRAError
 from persian_qlora.families import GemmaFamily, family_of
-from persian_qlora.loading import read_provenance
+from persian_qlora.loading import BaseLoading, config_fingerprint, read_provenance
 
 __all__ = ["MergeResult", "merge_to_fp16", "push_to_hub", "render_model_card"]
 
@@ -179,6 +179,7 @@ def merge_to_fp16(
     datasets: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
     gguf_file: str | None = None,
+    strict: bool = False,
     **hub_kwargs: Any,
 ) -> MergeResult:
     """Merge ``adapter`` into the checkpoint ``base`` (a directory or hub id) and write the whole checkpoint,
@@ -203,6 +204,9 @@ def merge_to_fp16(
     through base+adapter and through the merged model, one after the other, and reports the largest logit
     difference. The probe holds one fp32 copy of the model; ``verify="tensors"`` runs the per-tensor check alone,
     in the merge's own memory (see docs/merging.md).
+    The base is checked against the one recorded at training (``base_loading.json``): its name and its config's
+    fingerprint (:func:`~persian_qlora.loading.config_fingerprint`). A difference is logged as a warning, or, with
+    ``strict=True``, refused (as is an adapter with no such record).
     ``gguf_file`` takes a GGUF base as the builders do (its cached bf16 conversion is the base). ``hub_kwargs``
     (``revision``, ``token``, ``cache_dir``...) go to ``huggingface_hub.snapshot_download`` for a hub id.
     """
@@ -223,6 +227,7 @@ def merge_to_fp16(
     config = AutoConfig.from_pretrained(base_dir)
     family = family_of(config)
     record = read_provenance(adapter)
+    _check_recorded_base(record, base, config, lora.directory, strict=strict)
     text_only = trained_text_only(family, record, lora)
     nf4 = nf4_settings(merge_base, quant_dtype, record, family, lora.directory)
     trained = TrainedModel(family, config, text_only)
@@ -275,6 +280,41 @@ def merge_to_fp16(
     return result
 
 
+def _same_name(recorded: str, given: str) -> bool:
+    """Whether two base names mean one checkpoint: equal, the same folder, or a hub id and its cached snapshot."""
+    if recorded == given or Path(recorded).expanduser().resolve() == Path(given).expanduser().resolve():
+        return True
+    cached = f"models--{recorded.replace('/', '--')}"
+    return "/" in recorded and cached in Path(given).parts
+
+
+def _check_recorded_base(
+    record: BaseLoading | None, base: str | Path, config: Any, adapter_dir: Path, *, strict: bool
+) -> None:
+    """Warn (refuse with ``strict``) when ``base`` is not the checkpoint the adapter was trained on, by name or by
+    config: a ``-pt`` base instead of the ``-it`` one has the same shape, so the merge would succeed silently."""
+    if record is None:
+        if strict:
+            raise PersianQLoRAError(
+                f"{adapter_dir} has no base_loading.json, so its base cannot be checked; merge with strict=False"
+            )
+        return
+    problems = []
+    if not _same_name(record.base, str(base)):
+        problems.append(f"it was trained on {record.base!r}, not {str(base)!r}")
+    if record.base_config_hash is None:
+        if strict:
+            problems.append("its record predates config fingerprints, so the config cannot be checked")
+    elif record.base_config_hash != config_fingerprint(config):
+        problems.append(f"{base}'s config differs from the config of the base it was trained on")
+    if not problems:
+        return
+    message = f"the adapter in {adapter_dir} may not belong to this base: {'; '.join(problems)}"
+    if strict:
+        raise PersianQLoRAError(f"{message}. Merge into the base it was trained on, or pass strict=False")
+    logger.warning("%s; merging anyway (strict=True refuses)", message)
+
+
 def _local_checkpoint(base: str | Path, gguf_file: str | None, hub_kwargs: dict[str, Any]) -> Path:
     """The base's local directory: as given, the cached conversion of a GGUF file, or a hub snapshot of the files a
     merge reads (safetensors weights, configs, tokenizer)."""
@@ -307,7 +347,8 @@ def _side_files(base_dir: Path, adapter_dir: Path) -> dict[str, Path]:
 
 def _write_config(source: Path, target: Path, dtype: torch.dtype, *, untie: bool) -> None:
     """The base's config.json, with its dtype entries set to the output's and, when the head was trained apart from
-    the embedding, ``tie_word_embeddings`` false; copied byte for byte when nothing changes."""
+    the embedding, ``tie_word_embeddings`` false (written where the base leaves it to its default too); copied byte
+    for byte when nothing changes."""
     config = json.loads(source.read_text(encoding="utf-8"))
     name = str(dtype).removeprefix("torch.")
 
@@ -323,6 +364,10 @@ def _write_config(source: Path, target: Path, dtype: torch.dtype, *, untie: bool
 
     changed = json.loads(json.dumps(config))
     update(changed)
+    if untie:  # also where the key is absent: its default (true) would re-tie the written head on load
+        for node in (changed, changed.get("text_config")):
+            if isinstance(node, dict):
+                node["tie_word_embeddings"] = False
     if changed == config:
         shutil.copyfile(source, target)
     else:

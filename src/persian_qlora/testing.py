@@ -31,10 +31,46 @@ __all__ = [
     "build_hub_checkpoint",
     "build_tiny_tokenizer",
     "chained_conversations",
+    "complete_merges",
     "gemma3_chat_template",
     "lognormal_lengths",
     "plant_turn_end_copies",
 ]
+
+
+def complete_merges(save_dir: str | Path, vocabulary_size: int | None = None) -> Path:
+    """Give the tokenizer saved in ``save_dir`` every merge its vocabulary implies, ranked in piece order, as a
+    tokenizer converted from SentencePiece (Gemma's) has; the GGUF export needs that form (llama.cpp re-derives the
+    merges from the pieces). The tiny tokenizer, trained with tokenizers' BpeTrainer, keeps only the merges it
+    learned, so llama.cpp would split some words differently, and the export refuses it as built.
+
+    ``vocabulary_size`` first grows the vocabulary to that many tokens with pieces joined from two of its pieces
+    (within a word): a tokenizer as large as Gemma's (262,144), for benchmarks that must write a real-size
+    embedding.
+    """
+    path = Path(save_dir) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    added = {token["content"] for token in data["added_tokens"]}
+    normal = [p for p in sorted(vocab, key=vocab.__getitem__) if p not in added and not p.startswith("<0x")]
+    if vocabulary_size is not None:
+        size, next_id = len(set(vocab) | added), max(vocab.values()) + 1
+        # Within a word, as SentencePiece's pieces are: never across a newline or before a word's leading "▁".
+        inner = [piece for piece in normal if "\n" not in piece]
+        joined = (left + right for left in inner for right in inner if not right.startswith("▁"))
+        while size < vocabulary_size:
+            piece = next(joined)
+            if piece not in vocab:
+                vocab[piece], next_id, size = next_id, next_id + 1, size + 1
+    pieces = set(vocab) - added
+    data["model"]["merges"] = [
+        [piece[:cut], piece[cut:]]
+        for piece in sorted(pieces, key=vocab.__getitem__)
+        for cut in range(1, len(piece))
+        if piece[:cut] in pieces and piece[cut:] in pieces
+    ]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return Path(save_dir)
 
 
 def build_hub_checkpoint(
