@@ -435,12 +435,13 @@ def export_gguf(
     """Write the Gemma 3 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
 
     ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 checkpoint in
-    safetensors (for a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"`` (8-bit, about half
-    the size), ``"q4_0"`` (4-bit, about a quarter; the tied embedding, which is also the output matrix, stays
-    Q8_0), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The k-quants (``q4_k_m``...) need
-    llama.cpp's quantizer and are refused. Streams tensor by tensor: memory grows with a block of rows, not with the
-    model. The Modelfile is ``output_file`` with the suffix ``.Modelfile``. Both are written atomically after a
-    free-space check; an existing file is refused unless ``overwrite=True``. Needs the ``gguf`` extra.
+    safetensors (for a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"``
+    (8-bit, about half the size), ``"q4_0"`` (4-bit, about a quarter; the tied embedding, which is also the output
+    matrix, stays Q8_0), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The k-quants
+    (``q4_k_m``...) need llama.cpp's quantizer and are refused. Streams tensor by tensor: memory grows with a block
+    of rows, not with the model. The Modelfile is ``output_file`` with the suffix ``.Modelfile``. Both are written
+    atomically after a free-space check; an existing file is refused unless ``overwrite=True``. Needs the ``gguf``
+    extra.
     """
     gguf = _import_gguf()
     from transformers import AutoConfig, AutoTokenizer
