@@ -421,8 +421,9 @@ def test_the_real_gemma3_270m_exports_as_its_original_gguf_and_keeps_its_perplex
 LLAMA_REASON = "needs llama.cpp: pip install 'persian-qlora[llama]' (make test-llama)"
 # Bounds on the error as a share of the largest |logit| over the probes. Measured on the tiny model (largest |logit|
 # 0.83): bf16 8.8e-3 (llama.cpp rounds the activations to bf16 for bf16 weights), f16 1.5e-3, q8_0 4.1e-2 (8-bit
-# weights, and activations rounded to 8 bits for the dot products).
-LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1}
+# weights, and activations rounded to 8 bits for the dot products), q4_0 0.55 (the error transformers reads back
+# from the same file too: 4 bits hold little of a random tiny model's structureless weights).
+LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1, "q4_0": 0.75}
 PROBE_TEXTS = [*PERSIAN_TEXTS, "ي و ك عربی، ۰۱۲۳۴۵۶۷۸۹ و 0123456789 🙂👍🏽\n\nخط سوم", "<start_of_turn>user\nسلام"]
 
 
