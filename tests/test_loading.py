@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3nForCausalLM
+from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3nForCausalLM, Gemma4ForCausalLM
 
 from persian_qlora import PersianChatDataset, PersianQLoRAError
 from persian_qlora.errors import MissingExtraError
@@ -24,6 +24,10 @@ HUB = {
     "tiny_gemma3_vision_hub_path": (Gemma3ForCausalLM, ("vision_tower", "multi_modal_projector")),
     "tiny_gemma3n_multimodal_hub_path": (
         Gemma3nForCausalLM,
+        ("vision_tower", "audio_tower", "embed_vision", "embed_audio"),
+    ),
+    "tiny_gemma4_multimodal_hub_path": (
+        Gemma4ForCausalLM,
         ("vision_tower", "audio_tower", "embed_vision", "embed_audio"),
     ),
 }

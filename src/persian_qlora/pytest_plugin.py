@@ -12,8 +12,8 @@ import pytest
 
 from persian_qlora.testing import build_hub_checkpoint, build_tiny_gemma, build_tiny_tokenizer
 
-# Every tiny layout a family-aware feature should be tested on, as (fixture name, text_only): text-only Gemma 3 and
-# 3n, and both multimodal hub layouts loaded as their language model alone (True) or whole (False).
+# Every tiny layout a family-aware feature should be tested on, as (fixture name, text_only): text-only Gemma 3, 3n
+# and 4, and the multimodal hub layouts loaded as their language model alone (True) or whole (False).
 TINY_LAYOUTS = [
     ("tiny_gemma3_path", True),
     ("tiny_gemma3n_path", True),
@@ -21,6 +21,9 @@ TINY_LAYOUTS = [
     ("tiny_gemma3_vision_hub_path", False),
     ("tiny_gemma3n_multimodal_hub_path", True),
     ("tiny_gemma3n_multimodal_hub_path", False),
+    ("tiny_gemma4_path", True),
+    ("tiny_gemma4_multimodal_hub_path", True),
+    ("tiny_gemma4_multimodal_hub_path", False),
 ]
 
 
@@ -60,3 +63,23 @@ def tiny_gemma3n_multimodal_hub_path(tmp_path_factory: pytest.TempPathFactory) -
     """A tiny whole ``Gemma3nForConditionalGeneration`` (timm vision tower, audio tower) in
     ``google/gemma-3n-E4B-it``'s layout. Building it needs timm."""
     return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma3n-multimodal-hub"), "gemma3n-multimodal")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random ``Gemma4ForCausalLM`` (KV sharing, per-layer embeddings) with a Gemma 4
+    tokenizer and chat template."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma4"), "gemma4")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_moe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random mixture-of-experts ``Gemma4ForCausalLM`` (the 26B-A4B's structure)."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma4-moe"), "gemma4-moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_multimodal_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny whole ``Gemma4ForConditionalGeneration`` (native vision and audio towers) in
+    ``google/gemma-4-E2B-it``'s layout."""
+    return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma4-multimodal-hub"), "gemma4-multimodal")
