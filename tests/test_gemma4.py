@@ -336,3 +336,31 @@ def test_generate_and_the_chat_cli_speak_gemma4(tiny_gemma4_path):
         tokenizer.eos_token_id,
         tokenizer.convert_tokens_to_ids("<turn|>"),
     ]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma4_path", "tiny_gemma4_multimodal_hub_path"])
+def test_compare_runs_end_to_end_on_gemma4(request, fixture, tmp_path):
+    """QLoRA and LoRA trained, evaluated before/after, and the QLoRA adapter merged and evaluated, on a Gemma 4
+    text checkpoint and on a whole multimodal one (loaded text-only)."""
+    from persian_qlora.compare import CompareConfig, compare
+    from persian_qlora.dataset import bundled_corpus_path
+    from persian_qlora.training import RunConfig
+
+    path = request.getfixturevalue(fixture)
+    overrides = {"model": str(path), "data": str(bundled_corpus_path("train")), "max_steps": 1, "max_length": 128}
+    run = RunConfig.load(None, {**overrides, "save_strategy": "no", "disable_tqdm": True})
+    config = CompareConfig(
+        run=run, output_dir=str(tmp_path), test_data=str(bundled_corpus_path("test")), max_eval=2, max_new_tokens=4
+    )
+    compare(config)
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert [r["method"] for r in report["runs"]] == ["qlora", "lora"]
+    assert all(r["train"]["global_step"] == 1 and r["train"]["trained_tokens"] > 0 for r in report["runs"])
+    assert report["runs"][0]["merged"][0]["n"] == 2
+
+
+def test_gguf_export_refuses_gemma4_with_the_reason(tiny_gemma4_path, tmp_path):
+    from persian_qlora.export import export_gguf
+
+    with pytest.raises(PersianQLoRAError, match="not yet Gemma 4, whose export has not been checked in llama.cpp"):
+        export_gguf(tiny_gemma4_path, tmp_path / "x.gguf")
