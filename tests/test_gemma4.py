@@ -348,7 +348,8 @@ def test_compare_runs_end_to_end_on_gemma4(request, fixture, tmp_path):
 
     path = request.getfixturevalue(fixture)
     overrides = {"model": str(path), "data": str(bundled_corpus_path("train")), "max_steps": 1, "max_length": 128}
-    run = RunConfig.load(None, {**overrides, "save_strategy": "no", "disable_tqdm": True})
+    small = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1}  # one conversation a step: fast
+    run = RunConfig.load(None, {**overrides, **small, "save_strategy": "no", "disable_tqdm": True})
     config = CompareConfig(
         run=run, output_dir=str(tmp_path), test_data=str(bundled_corpus_path("test")), max_eval=2, max_new_tokens=4
     )
@@ -364,3 +365,22 @@ def test_gguf_export_refuses_gemma4_with_the_reason(tiny_gemma4_path, tmp_path):
 
     with pytest.raises(PersianQLoRAError, match="not yet Gemma 4, whose export has not been checked in llama.cpp"):
         export_gguf(tiny_gemma4_path, tmp_path / "x.gguf")
+
+
+def test_a_bf16_merge_keeps_the_towers_unbounded_clipping_limits(tiny_gemma4_multimodal_hub_path, tmp_path):
+    """Gemma 4's clippable linears store ±inf where they do not clip: a merge into bf16 casts them exactly instead
+    of taking them for a broken weight."""
+    from safetensors import safe_open
+
+    from persian_qlora import merge_to_fp16
+
+    path = tiny_gemma4_multimodal_hub_path
+    model = build_lora_model(str(path), lora=None, gradient_checkpointing=False)
+    model.save_pretrained(tmp_path / "adapter")
+    model.base_loading.save(tmp_path / "adapter")
+    merge_to_fp16(path, tmp_path / "adapter", tmp_path / "merged")
+    limits = {}
+    for file in sorted((tmp_path / "merged").glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            limits.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(("input_max", "output_min"))})  # noqa: SIM118
+    assert limits and all(t.dtype == torch.bfloat16 and t.isinf().all() for t in limits.values())

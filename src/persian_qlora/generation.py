@@ -1,7 +1,8 @@
 """Batched generation from chat conversations, shared by evaluation, the comparison and (later) chat.
 
 Prompts are left-padded (a decoder-only model continues from the right edge), batched by similar length so little
-padding is computed, and stop on both ``<eos>`` and ``<end_of_turn>``.
+padding is computed, and stop on both ``<eos>`` and the turn end of the tokenizer's turn format (``<end_of_turn>``;
+Gemma 4's ``<turn|>``).
 """
 
 from __future__ import annotations
