@@ -149,7 +149,10 @@ def test_missing_extra_error_names_the_extra():
     assert "pip install 'persian-qlora[multimodal]'" in str(err)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_gemma3n_path", "tiny_gemma3n_multimodal_hub_path"])
+@pytest.mark.parametrize(
+    "fixture",
+    ["tiny_gemma3n_path", "tiny_gemma3n_multimodal_hub_path", "tiny_gemma4_path", "tiny_gemma4_multimodal_hub_path"],
+)
 def test_per_layer_embeddings_on_the_host_give_the_same_logits(request, fixture):
     """Only the looked-up rows travel; the logits are those of the model held in one place."""
     path = request.getfixturevalue(fixture)
@@ -191,7 +194,8 @@ def test_every_family_names_real_classes_and_its_text_family():
         text = family.text()
         assert not text.multimodal and text.towers == ()
         assert set(text.full_precision) <= set(family.never_quantised)
-        assert "<end_of_turn>" in family.reserved and "<image_soft_token>" in family.reserved
+        assert {family.turns.start_of_turn, family.turns.end_of_turn} <= set(family.reserved)
+        assert set(family.turns.media) <= set(family.reserved)
     assert FAMILIES["gemma3n"].text().per_layer_embeddings == ("embed_tokens_per_layer",)
     assert FAMILIES["gemma3"].needs_token_type_ids and not FAMILIES["gemma3_text"].needs_token_type_ids
 
