@@ -1,10 +1,11 @@
 """What Gemma checkpoints hold on the accelerator under QLoRA, counted from their published configs.
 
-Part 0 (always) is the table of docs/models.md: every Gemma 3 and Gemma 3n checkpoint, its language model built on
-the meta device from its published text configuration (what a text-only load builds, so no timm), and the bytes its
-weights hold on the accelerator under persian-qlora's default QLoRA (text-only, NF4 + double quantisation, LoRA r=8,
-Gemma 3n's per-layer embeddings on the host). The parameter count of each is printed beside the one Google publishes
-for it, where published (keras-hub's presets), as a check on the configuration.
+Part 0 (always) is the table of docs/models.md: every Gemma 3, Gemma 3n and Gemma 4 E2B/E4B checkpoint, its language
+model built on the meta device from its published text configuration (what a text-only load builds, so no timm),
+and the bytes its weights hold on the accelerator under persian-qlora's default QLoRA (text-only, NF4 + double
+quantisation, LoRA r=8, the per-layer embeddings of Gemma 3n and Gemma 4 E-models on the host). The parameter count
+of each is printed beside the one Google publishes for it, where published (keras-hub's presets), as a check on the
+configuration.
 
 Part 1 builds each whole multimodal model on the meta device (no weights, no GPU) and counts the bytes each
 parameter would hold on the accelerator, for:
@@ -131,6 +132,8 @@ CHECKPOINTS = {
     "Gemma 3 27B": ("google/gemma-3-27b-it", "gemma3"),
     "Gemma 3n E2B": ("google/gemma-3n-E2B-it", "gemma3n"),
     "Gemma 3n E4B": ("google/gemma-3n-E4B-it", "gemma3n"),
+    "Gemma 4 E2B": ("google/gemma-4-E2B-it", "gemma4"),
+    "Gemma 4 E4B": ("google/gemma-4-E4B-it", "gemma4"),
 }
 
 
@@ -151,13 +154,63 @@ def e2b_text_config():
 
 def text_config(name: str):
     """The language model's configuration of checkpoint ``name``: what a text-only load builds."""
-    from transformers import Gemma3nTextConfig, Gemma3TextConfig
+    from transformers import Gemma3nTextConfig, Gemma3TextConfig, Gemma4TextConfig
 
+    if name in GEMMA4_TEXT:
+        return Gemma4TextConfig(**GEMMA4_TEXT[name])
     if name == "Gemma 3n E4B":
         return Gemma3nTextConfig()
     if name == "Gemma 3n E2B":
         return e2b_text_config()
     return Gemma3TextConfig(**GEMMA3_TEXT[name])
+
+
+# Gemma 4 E2B and E4B's language models, from their published dimensions: E2B from the GGUF metadata of Ollama's
+# gemma4:e2b (35 blocks, width 1536, 8 query heads and 1 KV head, key length 256 sliding / 512 global, 20 KV-shared
+# layers, window 512, pattern of 4 sliding then 1 global, feed-forward 6144 doubled in the KV-shared layers, per-layer
+# width 256), E4B from NVIDIA Megatron-Bridge's Gemma 4 recipe (42 layers, width 2560, feed-forward 10240, 8 query and
+# 2 KV heads, head 256 sliding / 512 global, 5 sliding then 1 global, per-layer width 256, KV shared across the last
+# 18 layers). Both have 262,144 tokens and a final soft-cap of 30. Their towers are transformers' Gemma4VisionConfig
+# and Gemma4AudioConfig defaults ("similar to google/gemma-4-e2b-it").
+GEMMA4_E2B_TEXT = dict(
+    hidden_size=1536,
+    intermediate_size=6144,
+    num_hidden_layers=35,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=256,
+    global_head_dim=512,
+    num_kv_shared_layers=20,
+    use_double_wide_mlp=True,
+    sliding_window=512,
+    layer_types=["sliding_attention" if (i + 1) % 5 else "full_attention" for i in range(35)],
+    hidden_size_per_layer_input=256,
+    final_logit_softcapping=30.0,
+)
+GEMMA4_E4B_TEXT = dict(
+    hidden_size=2560,
+    intermediate_size=10240,
+    num_hidden_layers=42,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=256,
+    global_head_dim=512,
+    num_kv_shared_layers=18,
+    sliding_window=512,
+    layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(42)],
+    hidden_size_per_layer_input=256,
+    final_logit_softcapping=30.0,
+)
+
+GEMMA4_TEXT = {"Gemma 4 E2B": GEMMA4_E2B_TEXT, "Gemma 4 E4B": GEMMA4_E4B_TEXT}
+
+
+def gemma4_config(text: dict):
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
+
+    return Gemma4Config(
+        text_config=Gemma4TextConfig(**text), vision_config=Gemma4VisionConfig(), audio_config=Gemma4AudioConfig()
+    )
 
 
 def e4b_config(text_layers: int | None = None):
@@ -273,7 +326,11 @@ def checkpoint_table() -> None:
 
 
 def accelerator_table() -> None:
-    from transformers import Gemma3ForConditionalGeneration, Gemma3nForConditionalGeneration
+    from transformers import (
+        Gemma3ForConditionalGeneration,
+        Gemma3nForConditionalGeneration,
+        Gemma4ForConditionalGeneration,
+    )
 
     from persian_qlora.families import FAMILIES
 
@@ -281,6 +338,8 @@ def accelerator_table() -> None:
     for name, family, make in (
         ("Gemma 3n E4B", FAMILIES["gemma3n"], lambda: Gemma3nForConditionalGeneration(e4b_config())),
         ("Gemma 3 4B", FAMILIES["gemma3"], lambda: Gemma3ForConditionalGeneration(gemma3_4b_config())),
+        ("Gemma 4 E2B", FAMILIES["gemma4"], lambda: Gemma4ForConditionalGeneration(gemma4_config(GEMMA4_E2B_TEXT))),
+        ("Gemma 4 E4B", FAMILIES["gemma4"], lambda: Gemma4ForConditionalGeneration(gemma4_config(GEMMA4_E4B_TEXT))),
     ):
         try:
             with torch.device("meta"):

@@ -25,9 +25,9 @@ def turn_end_ranks(model, tokenizer, conversations, suppressed: list[int]) -> tu
     tokens suppression leaves."""
     import torch
 
-    from persian_qlora.tokens import TURN_END
+    from persian_qlora.families import GEMMA3_TURNS
 
-    eot = tokenizer.convert_tokens_to_ids(TURN_END)
+    eot = tokenizer.convert_tokens_to_ids(GEMMA3_TURNS.end_of_turn)
     ranks, ranks_suppressed = [], []
     model.eval()
     for conversation in conversations:
@@ -54,9 +54,10 @@ def main() -> None:
 
     from persian_qlora.bases import prepare_base
     from persian_qlora.dataset import PersianChatDataset
+    from persian_qlora.families import GEMMA3_TURNS
     from persian_qlora.generation import evaluation_pairs, generate
     from persian_qlora.modeling import LoraSettings, build_qlora_model
-    from persian_qlora.tokens import TURN_END, indistinct_tokens, untrained_token_ids
+    from persian_qlora.tokens import indistinct_tokens, untrained_token_ids
     from persian_qlora.training import TrainConfig, make_trainer
 
     path = str(prepare_base("gemma3-270m"))
@@ -70,10 +71,10 @@ def main() -> None:
         set_seed(3407)
         model = build_qlora_model(path, lora=LoraSettings(train_turn_end=train_turn_end))
         if not train_turn_end:  # once: why the fix is needed on this checkpoint
-            eot = tokenizer.convert_tokens_to_ids(TURN_END)
+            eot = tokenizer.convert_tokens_to_ids(GEMMA3_TURNS.end_of_turn)
             embedding = model.get_input_embeddings().weight
             print(
-                f"{TURN_END} indistinct: {bool(indistinct_tokens(embedding, [eot]))}; "
+                f"{GEMMA3_TURNS.end_of_turn} indistinct: {bool(indistinct_tokens(embedding, [eot]))}; "
                 f"never-trained ids: {len(untrained_token_ids(tokenizer))}",
                 flush=True,
             )
@@ -96,8 +97,8 @@ def main() -> None:
         )
         ranks, ranks_suppressed = turn_end_ranks(model, tokenizer, test.conversations[: args.test], suppressed)
         print(
-            f"train_turn_end={train_turn_end}: rank of {TURN_END} at the reference's turn end {ranks}; with "
-            f"never-trained tokens suppressed {ranks_suppressed}",
+            f"train_turn_end={train_turn_end}: rank of {GEMMA3_TURNS.end_of_turn} at the reference's turn end "
+            f"{ranks}; with never-trained tokens suppressed {ranks_suppressed}",
             flush=True,
         )
         for suppress in (False, True):

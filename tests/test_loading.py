@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3nForCausalLM
+from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3nForCausalLM, Gemma4ForCausalLM
 
 from persian_qlora import PersianChatDataset, PersianQLoRAError
 from persian_qlora.errors import MissingExtraError
@@ -27,8 +27,16 @@ HUB = {
         Gemma3nForCausalLM,
         ("vision_tower", "audio_tower", "embed_vision", "embed_audio"),
     ),
+    "tiny_gemma4_multimodal_hub_path": (
+        Gemma4ForCausalLM,
+        ("vision_tower", "audio_tower", "embed_vision", "embed_audio"),
+    ),
 }
-HUB_FIXTURES = ["tiny_gemma3_vision_hub_path", pytest.param("tiny_gemma3n_multimodal_hub_path", marks=multimodal)]
+HUB_FIXTURES = [
+    "tiny_gemma3_vision_hub_path",
+    pytest.param("tiny_gemma3n_multimodal_hub_path", marks=multimodal),
+    "tiny_gemma4_multimodal_hub_path",
+]
 
 
 def _model_type(path):
@@ -149,7 +157,13 @@ def test_missing_extra_error_names_the_extra():
 
 
 @pytest.mark.parametrize(
-    "fixture", ["tiny_gemma3n_path", pytest.param("tiny_gemma3n_multimodal_hub_path", marks=multimodal)]
+    "fixture",
+    [
+        "tiny_gemma3n_path",
+        pytest.param("tiny_gemma3n_multimodal_hub_path", marks=multimodal),
+        "tiny_gemma4_path",
+        "tiny_gemma4_multimodal_hub_path",
+    ],
 )
 def test_per_layer_embeddings_on_the_host_give_the_same_logits(request, fixture):
     """Only the looked-up rows travel; the logits are those of the model held in one place."""
@@ -192,7 +206,8 @@ def test_every_family_names_real_classes_and_its_text_family():
         text = family.text()
         assert not text.multimodal and text.towers == ()
         assert set(text.full_precision) <= set(family.never_quantised)
-        assert "<end_of_turn>" in family.reserved and "<image_soft_token>" in family.reserved
+        assert {family.turns.start_of_turn, family.turns.end_of_turn} <= set(family.reserved)
+        assert set(family.turns.media) <= set(family.reserved)
     assert FAMILIES["gemma3n"].text().per_layer_embeddings == ("embed_tokens_per_layer",)
     assert FAMILIES["gemma3"].needs_token_type_ids and not FAMILIES["gemma3_text"].needs_token_type_ids
 

@@ -7,13 +7,15 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from persian_qlora import GemmaChatCollator, PersianChatDataset
+from persian_qlora.families import GEMMA3_TURNS
 from persian_qlora.generation import evaluation_pairs, generate
 from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model
 from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer, plant_turn_end_copies
-from persian_qlora.tokens import TURN_END, indistinct_tokens, untrained_token_ids
+from persian_qlora.tokens import indistinct_tokens, untrained_token_ids
 from persian_qlora.training import TrainConfig, make_trainer
 
 COPIES = range(1500, 1600)  # ordinary tokens no reply in the bundled corpus ends with
+TURN_END = GEMMA3_TURNS.end_of_turn  # the tiny Gemma 3 these tests plant
 
 
 @pytest.fixture(scope="module")

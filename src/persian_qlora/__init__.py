@@ -37,7 +37,7 @@ _EXPORTS = {
     "modeling": ["LoraSettings", "build_lora_model", "build_qlora_model", "default_bnb_config"],
     "normalize": ["NormalizerConfig", "normalize_persian"],
     "perplexity": ["perplexity"],
-    "chat_template": ["gemma3_chat_template"],
+    "chat_template": ["gemma3_chat_template", "gemma4_chat_template"],
     "training": ["RunConfig", "RunMetricsCallback", "TrainConfig", "make_trainer", "run_training"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     from persian_qlora.bases import gguf_base, prepare_base, prepare_gguf_base
     from persian_qlora.behaviour import BehaviourScores, Verdict, behaviour_scores, verdict
     from persian_qlora.chat import ChatSession
-    from persian_qlora.chat_template import gemma3_chat_template
+    from persian_qlora.chat_template import gemma3_chat_template, gemma4_chat_template
     from persian_qlora.collator import GemmaChatCollator
     from persian_qlora.compare import CompareConfig, compare, demo_config
     from persian_qlora.dataset import DatasetStats, PersianChatDataset, bundled_corpus_path, clean_conversation

@@ -310,7 +310,12 @@ def write_output(output: OutputTensor, writer: ShardWriter) -> None:
         # An empty block has no extremes, and nothing to check.
         low, high = (float(v) for v in torch.aminmax(block)) if block.numel() else (0.0, 0.0)
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise PersianQLoRAError(f"{output.name} is not finite in fp32; the adapter or the base is broken")
+            if output.changed or bool(block.isnan().any()):
+                raise PersianQLoRAError(f"{output.name} is not finite in fp32; the adapter or the base is broken")
+            # An unchanged tensor may hold ±inf on purpose (Gemma 4's clippable linears: no clipping bound); a cast
+            # keeps it exactly. Its finite values must still fit the output dtype.
+            finite = block[block.isfinite()]
+            low, high = (float(v) for v in torch.aminmax(finite)) if finite.numel() else (0.0, 0.0)
         if max(-low, high) > limit:
             raise PersianQLoRAError(
                 f"{output.name}: values overflow {output.dtype} when cast; use dtype=torch.bfloat16 (the default)"

@@ -3,7 +3,8 @@
 BLEU, ROUGE-L and chrF count overlap with the references, and a model that repeats a frequent word ("در در در …")
 can raise them a little. These measures tell such a model apart from one that learned:
 
-- **turn-end rate**: the share of replies that end with ``<end_of_turn>``/``<eos>`` before the token limit;
+- **turn-end rate**: the share of replies that end with the turn end (``<end_of_turn>``, Gemma 4's ``<turn|>``) or
+  ``<eos>`` before the token limit;
 - **repetition**: the share of a reply's word 4-grams that repeat an earlier 4-gram of the same reply, averaged
   over the replies that have any 4-gram (the "seq-rep-4" of Welleck et al., 2020); 0 for varied text, near 1
   for a loop;

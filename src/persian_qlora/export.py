@@ -40,7 +40,7 @@ from persian_qlora._merge_plan import meta_model, text_name
 from persian_qlora._shards import INDEX_FILE, SINGLE_FILE, StoredTensor, read_checkpoint, read_tensor
 from persian_qlora.chat_template import gemma3_chat_template
 from persian_qlora.errors import MissingExtraError, PersianQLoRAError
-from persian_qlora.families import FAMILIES, GemmaFamily
+from persian_qlora.families import FAMILIES, GEMMA3_TURNS, GemmaFamily, TurnFormat
 from persian_qlora.generation import REFERENCE_SAMPLING
 
 if TYPE_CHECKING:
@@ -68,24 +68,6 @@ _LLAMA_CPP_27B_LAYERS = 62  # the one size whose query scale is 1/sqrt(hidden/he
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _ADDED_TOKEN_SCORE = -1000.0  # what convert_hf_to_gguf.py gives control and user-defined pieces
 _CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
-
-# Gemma's chat template (persian_qlora/data/gemma3_chat_template.jinja) in Ollama's Go-template syntax: a system
-# message opens the first user turn, followed by a blank line; an unfinished last model turn is left open.
-OLLAMA_GEMMA3_TEMPLATE = """{{- $system := "" }}
-{{- range $i, $m := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq $m.Role "system" }}{{ $system = $m.Content }}
-{{- else if eq $m.Role "user" }}<start_of_turn>user
-{{ if $system }}{{ $system }}
-
-{{ $system = "" }}{{ end }}{{ $m.Content }}<end_of_turn>
-{{ if $last }}<start_of_turn>model
-{{ end }}
-{{- else if eq $m.Role "assistant" }}<start_of_turn>model
-{{ $m.Content }}{{ if not $last }}<end_of_turn>
-{{ end }}
-{{- end }}
-{{- end }}"""
 
 
 @dataclass(frozen=True)
@@ -173,9 +155,10 @@ def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
         )
     if family.gguf_architecture is None:
         raise PersianQLoRAError(
-            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 only, not Gemma 3n, because "
-            "transformers cannot read a gemma3n GGUF back to check the file (see docs/export.md). Use the merged "
-            "checkpoint with transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
+            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 only: not Gemma 3n, because "
+            "transformers cannot read a gemma3n GGUF back to check the file, and not yet Gemma 4, whose export has "
+            "not been checked in llama.cpp (see docs/export.md). Use the merged checkpoint with transformers, or "
+            "convert it with llama.cpp's convert_hf_to_gguf.py"
         )
 
 
@@ -409,13 +392,16 @@ def _write_general(writer, merged_dir: Path, parameters: int, file_type: int) ->
     writer.add_file_type(file_type)
 
 
-def render_modelfile(gguf_name: str) -> str:
-    """An Ollama Modelfile for the GGUF file ``gguf_name`` beside it: Gemma's turns, the recipe's sampling."""
+def render_modelfile(gguf_name: str, turns: TurnFormat = GEMMA3_TURNS) -> str:
+    """An Ollama Modelfile for the GGUF file ``gguf_name`` beside it: the turn format's template and turn end as
+    the stop token, the recipe's sampling."""
+    if turns.ollama_template is None:
+        raise PersianQLoRAError(f"persian-qlora has no Ollama template for {turns.name}'s turn format")
     return "\n".join(
         [
             f"FROM ./{gguf_name}",
-            f'TEMPLATE """{OLLAMA_GEMMA3_TEMPLATE}"""',
-            'PARAMETER stop "<end_of_turn>"',
+            f'TEMPLATE """{turns.ollama_template}"""',
+            f'PARAMETER stop "{turns.end_of_turn}"',
             f"PARAMETER temperature {REFERENCE_SAMPLING['temperature']}",
             f"PARAMETER top_p {REFERENCE_SAMPLING['top_p']}",
             f"PARAMETER top_k {REFERENCE_SAMPLING['top_k']}",

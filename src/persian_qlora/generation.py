@@ -1,7 +1,8 @@
 """Batched generation from chat conversations, shared by evaluation, the comparison and (later) chat.
 
 Prompts are left-padded (a decoder-only model continues from the right edge), batched by similar length so little
-padding is computed, and stop on both ``<eos>`` and ``<end_of_turn>``.
+padding is computed, and stop on both ``<eos>`` and the turn end of the tokenizer's turn format (``<end_of_turn>``;
+Gemma 4's ``<turn|>``).
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ def evaluation_pairs(conversations: Sequence[Conversation]) -> tuple[list[Conver
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """``<eos>`` and ``<end_of_turn>``: Gemma ends a turn with the latter, and a base model may emit the former."""
-    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    """``<eos>`` and the turn end of the tokenizer's turn format (``<end_of_turn>``, Gemma 4's ``<turn|>``): Gemma
+    ends a turn with the latter, and a base model may emit the former."""
+    from persian_qlora.families import turn_format_of
+
+    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(turn_format_of(tokenizer).end_of_turn)]
     return [i for i in dict.fromkeys(ids) if i is not None and i != tokenizer.unk_token_id]
 
 

@@ -228,6 +228,20 @@ def _check_text_only_load(family: GemmaFamily, path: str, info: dict[str, Any]) 
     logger.info("%s: language model loaded alone; %d tower tensors left unread", path, len(info["unexpected_keys"]))
 
 
+def _refuse_half_quantised_experts(family: GemmaFamily, config: Any, path: str) -> None:
+    """A 4-bit load of a mixture-of-experts model would quantise its attention and dense MLP and leave the experts,
+    most of its weights, in 16 bits: not QLoRA, and not what a user asking for 4-bit expects. Refuse it."""
+    experts = family.expert_parameters(config)
+    if experts:
+        raise PersianQLoRAError(
+            f"{path} is a mixture-of-experts {family.model_type} checkpoint: bitsandbytes cannot quantise its 3-D "
+            f"expert weights ({experts / 1e9:.2f} B parameters, {2 * experts / 1e9:.1f} GB in bf16), so a 4-bit load "
+            "would leave them in 16 bits beside a 4-bit rest. Train it with 16-bit LoRA instead (build_lora_model, "
+            "or --method lora: attention and dense MLP adapted, experts frozen) on a GPU that holds the whole model "
+            "in bf16, or fine-tune a dense Gemma 4 (E4B, 31B) with QLoRA"
+        )
+
+
 @renamed_arguments(model_id_or_path="model")
 def load_base(
     model: str | Path,
@@ -264,6 +278,7 @@ def load_base(
     load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
     load_kwargs["device_map"] = device_map if device_map is not None else _default_device_map()
     if quantization_config is not None:
+        _refuse_half_quantised_experts(family, config, path)
         load_kwargs["quantization_config"] = quantization_config
 
     text_only = text_only and family.multimodal

@@ -17,8 +17,9 @@ from torch import nn
 
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.errors import PersianQLoRAError
+from persian_qlora.families import turn_format_of
 from persian_qlora.loading import BaseLoading, default_bnb_config, load_base, resolve_dtype
-from persian_qlora.tokens import TURN_END, indistinct_tokens
+from persian_qlora.tokens import indistinct_tokens
 
 __all__ = [
     "BaseLoading",
@@ -38,11 +39,11 @@ logger = logging.getLogger("persian_qlora")
 class LoraSettings:
     """LoRA hyperparameters; the defaults are the reference recipe.
 
-    ``train_turn_end`` (beyond the recipe) also trains the ``<end_of_turn>`` embedding row, tied to the LM head,
-    when the base's row is not distinct from others (a pretrained, not instruction-tuned, Gemma): otherwise the
-    frozen head cannot prefer it over its near-copies and the model never ends its turn (see
-    :mod:`persian_qlora.tokens`). It adds peft's ``trainable_token_indices`` for that one row, saved with the
-    adapter and merged with it; an instruction-tuned base's row is distinct and nothing is added.
+    ``train_turn_end`` (beyond the recipe) also trains the turn-end embedding row (``<end_of_turn>``, Gemma 4's
+    ``<turn|>``), tied to the LM head, when the base's row is not distinct from others (a pretrained, not
+    instruction-tuned, Gemma): otherwise the frozen head cannot prefer it over its near-copies and the model never
+    ends its turn (see :mod:`persian_qlora.tokens`). It adds peft's ``trainable_token_indices`` for that one row, saved
+    with the adapter and merged with it; an instruction-tuned base's row is distinct and nothing is added.
     """
 
     r: int = 8
@@ -72,18 +73,21 @@ class LoraSettings:
         )
 
     def turn_end_rows_to_train(self, model: nn.Module, base: str) -> list[int]:
-        """``[id of <end_of_turn>]`` when ``train_turn_end`` is on and the base's row is not distinct, else ``[]``."""
+        """``[id of the turn end]`` when ``train_turn_end`` is on and the base's row is not distinct, else ``[]``."""
         if not self.train_turn_end:
             return []
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(base)
-        turn_end = tokenizer.convert_tokens_to_ids(TURN_END)
+        end_of_turn = turn_format_of(tokenizer).end_of_turn
+        turn_end = tokenizer.convert_tokens_to_ids(end_of_turn)
         if turn_end is None or turn_end == tokenizer.unk_token_id:
             return []
         found = indistinct_tokens(model.get_input_embeddings().weight, [turn_end])
         if found:
-            logger.info("%s: the %s row is not distinct from other rows; training it with the adapter", base, TURN_END)
+            logger.info(
+                "%s: the %s row is not distinct from other rows; training it with the adapter", base, end_of_turn
+            )
         return found
 
 

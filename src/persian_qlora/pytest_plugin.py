@@ -16,8 +16,8 @@ from persian_qlora.testing import build_hub_checkpoint, build_tiny_gemma, build_
 # out: tests that use it carry this marker, and `make test-multimodal` runs them in a venv with timm.
 multimodal = pytest.mark.multimodal
 
-# Every tiny layout a family-aware feature should be tested on, as (fixture name, text_only): text-only Gemma 3 and
-# 3n, and both multimodal hub layouts loaded as their language model alone (True) or whole (False).
+# Every tiny layout a family-aware feature should be tested on, as (fixture name, text_only): text-only Gemma 3, 3n
+# and 4, and the multimodal hub layouts loaded as their language model alone (True) or whole (False).
 TINY_LAYOUTS = [
     pytest.param("tiny_gemma3_path", True, id="gemma3"),
     pytest.param("tiny_gemma3n_path", True, id="gemma3n"),
@@ -25,6 +25,9 @@ TINY_LAYOUTS = [
     pytest.param("tiny_gemma3_vision_hub_path", False, id="gemma3-vision-whole"),
     pytest.param("tiny_gemma3n_multimodal_hub_path", True, id="gemma3n-mm", marks=multimodal),
     pytest.param("tiny_gemma3n_multimodal_hub_path", False, id="gemma3n-mm-whole", marks=multimodal),
+    pytest.param("tiny_gemma4_path", True, id="gemma4"),
+    pytest.param("tiny_gemma4_multimodal_hub_path", True, id="gemma4-mm"),
+    pytest.param("tiny_gemma4_multimodal_hub_path", False, id="gemma4-mm-whole"),
 ]
 
 
@@ -73,3 +76,23 @@ def tiny_gemma3n_multimodal_hub_path(tmp_path_factory: pytest.TempPathFactory) -
         "timm", reason="the Gemma 3n vision tower is a timm model: pip install 'persian-qlora[multimodal]'"
     )
     return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma3n-multimodal-hub"), "gemma3n-multimodal")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random ``Gemma4ForCausalLM`` (KV sharing, per-layer embeddings) with a Gemma 4
+    tokenizer and chat template."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma4"), "gemma4")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_moe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random mixture-of-experts ``Gemma4ForCausalLM`` (the 26B-A4B's structure)."""
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma4-moe"), "gemma4-moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_multimodal_hub_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny whole ``Gemma4ForConditionalGeneration`` (native vision and audio towers) in
+    ``google/gemma-4-E2B-it``'s layout."""
+    return build_hub_checkpoint(tmp_path_factory.mktemp("tiny-gemma4-multimodal-hub"), "gemma4-multimodal")

@@ -313,7 +313,8 @@ _MERGE_NOTE = (
     "Perplexity: over every model-turn token of the evaluated test conversations."
 )
 _BEHAVIOUR_NOTE = (
-    "Turn-end rate: replies that ended with `<end_of_turn>` or `<eos>` before the token limit. Repetition: the "
+    "Turn-end rate: replies that ended with the turn end (`<end_of_turn>`, Gemma 4's `<turn|>`) or `<eos>` before "
+    "the token limit. Repetition: the "
     "share of a reply's word 4-grams that repeat an earlier one, averaged over replies. Distinct-2: distinct "
     "word bigrams over all bigrams of all replies. Persian letters: among all letters of all replies. Words as "
     "ROUGE-L counts them, after normalisation. The references row is the yardstick."

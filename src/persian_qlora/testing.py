@@ -74,19 +74,21 @@ def complete_merges(save_dir: str | Path, vocabulary_size: int | None = None) ->
 
 
 def build_hub_checkpoint(
-    save_dir: str | Path, arch: Literal["gemma3-vision", "gemma3n-multimodal"], *, seed: int = 0
+    save_dir: str | Path, arch: Literal["gemma3-vision", "gemma3n-multimodal", "gemma4-multimodal"], *, seed: int = 0
 ) -> Path:
     """A tiny multimodal Gemma laid out exactly as its real checkpoints are served on the hub.
 
     Sharded safetensors with ``model.safetensors.index.json``, the processor and preprocessor configs, and the
     tensor names of the real files: ``google/gemma-3-4b-it`` names its language model ``language_model.model.*``
     and its SigLIP tower ``vision_tower.vision_model.*``; ``google/gemma-3n-E4B-it`` uses ``model.language_model.*``,
-    ``model.vision_tower.*`` (timm), ``model.audio_tower.*``, ``model.embed_vision.*`` and ``model.embed_audio.*``.
+    ``model.vision_tower.*`` (timm), ``model.audio_tower.*``, ``model.embed_vision.*`` and ``model.embed_audio.*``;
+    ``google/gemma-4-E2B-it`` has Gemma 3n's layout with Gemma 4's native towers (``"gemma4-multimodal"``: KV sharing,
+    per-layer embeddings, vision and audio towers whose linears are ``Gemma4ClippableLinear``).
     ``"gemma3n-multimodal"`` needs timm to build.
     """
     from safetensors.torch import load_file, save_file
 
-    shard = "1MB" if arch == "gemma3-vision" else "10MB"  # a few shards each, as on the hub
+    shard = "10MB" if arch == "gemma3n-multimodal" else "1MB"  # a few shards each, as on the hub
     save_dir = build_tiny_gemma(save_dir, arch, seed=seed, max_shard_size=shard)
     index_path = save_dir / "model.safetensors.index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -111,6 +113,11 @@ def _write_processor_configs(save_dir: Path, arch: str) -> None:
     if arch == "gemma3-vision":
         preprocessor = Gemma3ImageProcessor(size={"height": 32, "width": 32}).to_dict()
         processor = {"image_seq_length": 4, "processor_class": "Gemma3Processor"}
+    elif arch == "gemma4-multimodal":
+        from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessor
+
+        preprocessor = {**Gemma4AudioFeatureExtractor().to_dict(), **Gemma4ImageProcessor(patch_size=4).to_dict()}
+        processor = {"audio_ms_per_token": 40, "image_seq_length": 16, "processor_class": "Gemma4Processor"}
     else:
         preprocessor = {
             **Gemma3nAudioFeatureExtractor(feature_size=32).to_dict(),
@@ -135,10 +142,11 @@ def plant_turn_end_copies(model_dir: str | Path, rows: Sequence[int] = range(150
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from persian_qlora.tokens import TURN_END
+    from persian_qlora.families import turn_format_of
 
     model_dir = Path(model_dir)
-    turn_end = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(TURN_END)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    turn_end = tokenizer.convert_tokens_to_ids(turn_format_of(tokenizer).end_of_turn)
     weights = load_file(model_dir / "model.safetensors")
     name = next(key for key in weights if key.endswith("embed_tokens.weight"))
     table = weights[name]

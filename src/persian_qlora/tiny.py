@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 import torch
 
-from persian_qlora.chat_template import gemma3_chat_template
+from persian_qlora.families import TURN_FORMATS
 
 __all__ = [
     "DEMO_DIMS",
     "PERSIAN_LM_DIMS",
+    "GEMMA4_SPECIAL_TOKENS",
     "GEMMA_SPECIAL_TOKENS",
     "TinyArch",
     "build_tiny_gemma",
@@ -29,7 +30,9 @@ __all__ = [
     "build_tiny_tokenizer",
 ]
 
-TinyArch = Literal["gemma3", "gemma3n", "gemma3-vision", "gemma3n-multimodal"]
+TinyArch = Literal[
+    "gemma3", "gemma3n", "gemma3-vision", "gemma3n-multimodal", "gemma4", "gemma4-moe", "gemma4-multimodal"
+]
 
 # Gemma's control tokens, in the order of their ids in our tiny vocabulary (ids differ from the real one's,
 # which is why nothing in the library hard-codes ids: it looks them up by name).
@@ -45,6 +48,13 @@ GEMMA_SPECIAL_TOKENS = (
     "<end_of_image>",
     "<image_soft_token>",
 )
+# Gemma 4's: the document markers, then its turn, thinking, tool and media tokens (families.GEMMA4_TURNS).
+GEMMA4_SPECIAL_TOKENS = GEMMA_SPECIAL_TOKENS[:5] + tuple(
+    dict.fromkeys(
+        t for t in TURN_FORMATS["gemma4"].control + TURN_FORMATS["gemma4"].media if t not in GEMMA_SPECIAL_TOKENS
+    )
+)
+_SPECIAL_TOKENS = {"gemma3": GEMMA_SPECIAL_TOKENS, "gemma4": GEMMA4_SPECIAL_TOKENS}
 _BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 
 
@@ -60,17 +70,20 @@ def _training_texts() -> Iterable[str]:
     yield "def main():\n    print('hello world')\n    return 0\n"
 
 
-def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = None):
+def build_tiny_tokenizer(
+    vocab_size: int = 2048, save_dir: str | Path | None = None, *, turns: Literal["gemma3", "gemma4"] = "gemma3"
+):
     """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus.
 
     The result is a real ``GemmaTokenizer`` (the same normaliser, byte fallback and decoder as Gemma's), carrying
-    Gemma's special tokens and its exact chat template, so any Persian or English text round-trips without
-    ``<unk>``. Training is deterministic and takes about a second.
+    the special tokens and the exact official chat template of ``turns``' generation (Gemma 3 and 3n, or Gemma 4),
+    so any Persian or English text round-trips without ``<unk>``. Training is deterministic and takes about a second.
     """
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
-    reserved = len(GEMMA_SPECIAL_TOKENS) + len(_BYTE_TOKENS)
+    special = _SPECIAL_TOKENS[turns]
+    reserved = len(special) + len(_BYTE_TOKENS)
     if vocab_size <= reserved:
         raise ValueError(f"vocab_size must exceed {reserved}: the special and byte tokens take that many")
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -81,7 +94,7 @@ def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = N
     bpe.train_from_iterator((text.replace(" ", "▁") for text in _training_texts()), trainer)
     learned = json.loads(bpe.to_str())["model"]
 
-    vocab = {token: i for i, token in enumerate(GEMMA_SPECIAL_TOKENS + _BYTE_TOKENS)}
+    vocab = {token: i for i, token in enumerate(special + _BYTE_TOKENS)}
     for token in sorted(learned["vocab"], key=learned["vocab"].__getitem__):
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
@@ -89,8 +102,8 @@ def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = N
     tokenizer = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
-        extra_special_tokens=list(GEMMA_SPECIAL_TOKENS[5:]),
-        chat_template=gemma3_chat_template(),
+        extra_special_tokens=list(special[5:]),
+        chat_template=TURN_FORMATS[turns].chat_template(),
         model_max_length=8192,
     )
     if save_dir is not None:
@@ -101,10 +114,15 @@ def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = N
 def _tiny_text_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dict) -> object:
     from transformers import Gemma3nTextConfig, Gemma3TextConfig
 
+    from persian_qlora.families import turn_format_of
+
     ids = {
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
+        "eos_token_id": [
+            tokenizer.eos_token_id,
+            tokenizer.convert_tokens_to_ids(turn_format_of(tokenizer).end_of_turn),
+        ],
     }
     common = dict(
         vocab_size=vocab_size,
@@ -130,7 +148,79 @@ def _tiny_text_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dic
             activation_sparsity_pattern=[0.0] * layers,
         )
         return Gemma3nTextConfig(**{**common, **extra, **overrides})
+    if arch.startswith("gemma4"):
+        return _tiny_gemma4_text_config(arch, common, overrides)
     return Gemma3TextConfig(**{**common, "query_pre_attn_scalar": 32, **overrides})
+
+
+def _tiny_gemma4_text_config(arch: TinyArch, common: dict, overrides: dict):
+    """Gemma 4's language model at toy size with its real structure: sliding and full layers with their own head
+    sizes (full layers use ``global_head_dim`` and proportional RoPE), the last two layers reusing the keys and values
+    of the last sliding and full layers before them (``num_kv_shared_layers``), per-layer embeddings, a final-logit
+    soft-cap of 30. ``"gemma4-moe"`` is the 26B-A4B's structure instead: a mixture of experts beside each layer's
+    dense MLP, no per-layer embeddings, no KV sharing."""
+    from transformers import Gemma4TextConfig
+
+    layers = overrides.get("num_hidden_layers", 4)
+    gemma4 = dict(
+        num_hidden_layers=layers,
+        layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+        global_head_dim=64,
+        final_logit_softcapping=30.0,
+    )
+    if arch == "gemma4-moe":
+        extra = dict(
+            hidden_size_per_layer_input=0,
+            num_kv_shared_layers=0,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=64,
+        )
+    else:
+        extra = dict(
+            hidden_size_per_layer_input=64,
+            vocab_size_per_layer_input=common["vocab_size"],
+            num_kv_shared_layers=2,
+        )
+    return Gemma4TextConfig(**{**common, **gemma4, **extra, **overrides})
+
+
+def _tiny_gemma4_multimodal_config(text_config, tokenizer):
+    """Gemma 4's whole layout at toy size: its native vision tower (no timm) and audio Conformer, one layer each, and
+    both multimodal embedders; media token ids are the tokenizer's Gemma 4 placeholders."""
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        patch_size=4,
+        position_embedding_size=64,
+    )
+    audio = Gemma4AudioConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        subsampling_conv_channels=[8, 4],
+        output_proj_dims=64,
+    )
+    token = tokenizer.convert_tokens_to_ids
+    return Gemma4Config(
+        text_config=text_config,
+        vision_config=vision,
+        audio_config=audio,
+        boi_token_id=token("<|image>"),
+        eoi_token_id=token("<image|>"),
+        image_token_id=token("<|image|>"),
+        video_token_id=token("<|video|>"),
+        boa_token_id=token("<|audio>"),
+        eoa_token_index=token("<audio|>"),
+        audio_token_id=token("<|audio|>"),
+    )
 
 
 def _tiny_gemma3n_multimodal_config(text_config, tokenizer):
@@ -166,6 +256,8 @@ def _tiny_config(arch: TinyArch, vocab_size: int, tokenizer, overrides: dict):
     text_config = _tiny_text_config(arch, vocab_size, tokenizer, overrides)
     if arch == "gemma3n-multimodal":
         return _tiny_gemma3n_multimodal_config(text_config, tokenizer)
+    if arch == "gemma4-multimodal":
+        return _tiny_gemma4_multimodal_config(text_config, tokenizer)
     if arch != "gemma3-vision":
         return text_config
     from transformers import Gemma3Config, SiglipVisionConfig
@@ -191,6 +283,9 @@ _TINY_CLASSES = {
     "gemma3n": "Gemma3nForCausalLM",
     "gemma3-vision": "Gemma3ForConditionalGeneration",
     "gemma3n-multimodal": "Gemma3nForConditionalGeneration",
+    "gemma4": "Gemma4ForCausalLM",
+    "gemma4-moe": "Gemma4ForCausalLM",
+    "gemma4-multimodal": "Gemma4ForConditionalGeneration",
 }
 
 
@@ -209,8 +304,11 @@ def build_tiny_gemma(
     ``arch`` picks ``Gemma3ForCausalLM`` ("gemma3"), ``Gemma3nForCausalLM`` ("gemma3n"), the multimodal
     ``Gemma3ForConditionalGeneration`` with a small SigLIP vision tower ("gemma3-vision"), or the whole
     ``Gemma3nForConditionalGeneration`` with vision (timm) and audio towers ("gemma3n-multimodal": building it
-    needs timm, ``pip install 'persian-qlora[multimodal]'``). Weights depend only on
-    ``seed``; the generation config stops on both ``<eos>`` and ``<end_of_turn>``, as Gemma's does.
+    needs timm, ``pip install 'persian-qlora[multimodal]'``). ``"gemma4"`` is ``Gemma4ForCausalLM`` with KV sharing and
+    per-layer embeddings, ``"gemma4-moe"`` the same class with a mixture of experts, ``"gemma4-multimodal"`` the whole
+    ``Gemma4ForConditionalGeneration`` with its native vision and audio towers; all three get a Gemma 4 tokenizer
+    and chat template. Weights depend only on ``seed``; the generation config stops on both ``<eos>`` and the turn
+    end (``<end_of_turn>``, Gemma 4's ``<turn|>``), as Gemma's does.
     ``vocab_size`` is the model's vocabulary rows. The tokenizer learns that many tokens where the bundled corpus
     allows (at most 8,517); rows beyond its tokens are never produced by it, as Gemma's unused rows are not
     (``vocab_size=262_144`` gives Gemma's LM-head width). Below about 420 the tokenizer needs more tokens than
@@ -225,7 +323,7 @@ def build_tiny_gemma(
         raise ValueError(f"unknown tiny Gemma arch {arch!r}; choose one of {', '.join(map(repr, _TINY_CLASSES))}")
     model_class = getattr(transformers, class_name)
     save_dir = Path(save_dir)
-    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
+    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size, turns="gemma4" if arch.startswith("gemma4") else "gemma3")
     config = _tiny_config(arch, max(vocab_size, len(tokenizer)), tokenizer, config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

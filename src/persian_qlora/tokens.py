@@ -1,9 +1,10 @@
 """The special rows of a Gemma vocabulary: which control tokens a fine-tune must train, and which no fine-tune does.
 
-A pretrained (not instruction-tuned) Gemma has never seen ``<end_of_turn>`` used. In Gemma 3 270M its embedding row
-sits among the 6,242 never-used ``<unused*>`` rows (mean cosine 0.91, up to 0.995). The LM head is tied to those rows
-and frozen under LoRA, so whatever raises ``<end_of_turn>``'s logit raises theirs too, and greedy decoding emits an
-``<unused*>`` token (hidden by ``skip_special_tokens``) where the turn should end. Two remedies, both defaults:
+A pretrained (not instruction-tuned) Gemma has never seen its turn end (``<end_of_turn>``, Gemma 4's ``<turn|>``)
+used. In Gemma 3 270M its embedding row sits among the 6,242 never-used ``<unused*>`` rows (mean cosine 0.91, up
+to 0.995). The LM head is tied to those rows and frozen under LoRA, so whatever raises ``<end_of_turn>``'s logit
+raises theirs too, and greedy decoding emits an ``<unused*>`` token (hidden by ``skip_special_tokens``) where the
+turn should end. Two remedies, both defaults:
 
 - train that one row (peft's ``trainable_token_indices``, which keeps the head tied and is saved with the adapter)
   when it is not distinct (:func:`indistinct_tokens`, used by :class:`~persian_qlora.modeling.LoraSettings`);
@@ -18,30 +19,18 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["TURN_END", "indistinct_tokens", "untrained_token_ids"]
+from persian_qlora.families import never_generated_tokens
 
-TURN_END = "<end_of_turn>"  # the control token every model turn is trained to end with
-# Tokens no conversation ever contains, so no fine-tune trains their rows: generating one is always an error.
-_NEVER_GENERATED = (
-    "<pad>",
-    "<bos>",
-    "<unk>",
-    "<mask>",
-    "[multimodal]",
-    "<start_of_image>",
-    "<end_of_image>",
-    "<image_soft_token>",
-    "<start_of_audio>",
-    "<end_of_audio>",
-    "<audio_soft_token>",
-)
+__all__ = ["indistinct_tokens", "untrained_token_ids"]
+
 _UNUSED = re.compile(r"<unused\d+>")
 
 
 def untrained_token_ids(tokenizer) -> list[int]:
-    """Ids of the tokens no fine-tune trains: Gemma's ``<unused*>`` reserve, media placeholders, padding."""
+    """Ids of the tokens no fine-tune trains: Gemma's ``<unused*>`` reserve, media placeholders, padding (the
+    turn formats' ``never_generated``, :mod:`persian_qlora.families`)."""
     vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in _NEVER_GENERATED if t in vocab]
+    ids = [vocab[t] for t in never_generated_tokens() if t in vocab]
     ids += [i for t, i in vocab.items() if _UNUSED.fullmatch(t)]
     return sorted(set(ids))
 
