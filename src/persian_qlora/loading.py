@@ -31,6 +31,7 @@ __all__ = [
     "PROVENANCE_FILE",
     "BaseLoading",
     "default_bnb_config",
+    "hub_kwargs",
     "load_base",
     "offload_per_layer_embeddings",
     "read_provenance",
@@ -42,6 +43,12 @@ logger = logging.getLogger("persian_qlora")
 PROVENANCE_FILE = "base_loading.json"
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
 _VERSIONED = ("persian-qlora", "torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def hub_kwargs(load_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a load that say where a checkpoint is (token, revision, cache_dir, ...): the
+    tokenizer and config of a gated or pinned checkpoint need them as much as its weights do."""
+    return {k: load_kwargs[k] for k in _HUB_KWARGS if k in load_kwargs}
 
 
 def resolve_dtype(requested: torch.dtype | str | None = None) -> torch.dtype:
@@ -231,7 +238,7 @@ def load_base(
         model_id_or_path = gguf_base(model_id_or_path, gguf_file)
     path = str(model_id_or_path)
     dtype = resolve_dtype(dtype)
-    config = AutoConfig.from_pretrained(path, **{k: load_kwargs[k] for k in _HUB_KWARGS if k in load_kwargs})
+    config = AutoConfig.from_pretrained(path, **hub_kwargs(load_kwargs))
     family = family_of(config)
     load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
     load_kwargs["device_map"] = device_map if device_map is not None else _default_device_map()

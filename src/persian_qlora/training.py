@@ -114,6 +114,7 @@ class TrainConfig:
                 "eval_fraction (RunConfig), or pass eval_dataset to make_trainer"
             )
         values.update(self.extra)
+        _refuse_fp16(values)
         eval_steps = values.get("eval_steps")
         if (
             evaluate
@@ -127,6 +128,17 @@ class TrainConfig:
                 "save_steps) or pick a divisor of save_steps"
             )
         return TrainingArguments(**values)
+
+
+def _refuse_fp16(values: dict[str, Any]) -> None:
+    """Unsloth's T4 notebooks set ``fp16=True``; passed on, Gemma's activations overflow fp16 mid-run (inf/NaN)."""
+    chosen = [name for name in ("fp16", "fp16_full_eval") if values.get(name)]
+    if chosen:
+        raise ConfigError(
+            f"{' and '.join(chosen)}=True is refused for Gemma: its activations overflow fp16 (inf/NaN losses, as "
+            "seen on T4 GPUs). Remove it: on a T4 (no bf16 hardware) persian-qlora computes in fp32 with the weights "
+            "in 4-bit, and on a GPU with bf16 (A100, L4, H100) in bf16 (docs/training.md)"
+        )
 
 
 _NOT_TRAINING_ARGUMENTS = (
