@@ -99,3 +99,39 @@ def test_chat_in_a_real_terminal(tiny_gemma3_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.fixture(scope="module")
+def fp4_adapter(tiny_gemma3_path, tmp_path_factory):
+    """A QLoRA adapter whose base was quantised with non-default settings (FP4, no double quantisation)."""
+    from transformers import BitsAndBytesConfig
+
+    from persian_qlora.modeling import build_qlora_model
+
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False, llm_int8_skip_modules=["lm_head"]
+    )
+    model = build_qlora_model(tiny_gemma3_path, bnb_config=bnb_config)
+    directory = tmp_path_factory.mktemp("fp4-adapter")
+    model.save_pretrained(directory)
+    model.base_loading.save(directory)
+    return directory
+
+
+def test_4bit_inference_quantises_the_base_as_training_did(tiny_gemma3_path, fp4_adapter):
+    model, _ = load_for_inference(tiny_gemma3_path, fp4_adapter, quantization="4bit")
+    state = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight.quant_state
+    assert (state.quant_type, state.nested) == ("fp4", False)
+
+
+def test_an_adapter_is_refused_on_a_base_of_another_model_type(tiny_gemma3_path, fp4_adapter, tmp_path):
+    import json
+    import shutil
+
+    from persian_qlora import PersianQLoRAError
+
+    moved = shutil.copytree(fp4_adapter, tmp_path / "adapter")
+    record = json.loads((moved / "base_loading.json").read_text())
+    (moved / "base_loading.json").write_text(json.dumps({**record, "model_type": "gemma3n_text"}))
+    with pytest.raises(PersianQLoRAError, match="trained on a gemma3n_text checkpoint.*is gemma3_text"):
+        load_for_inference(tiny_gemma3_path, moved)

@@ -157,7 +157,10 @@ def load_for_inference(
     the LM head, Gemma 3n's AltUp linears and any tower unquantised as in training. A multimodal checkpoint loads
     its language model alone unless ``text_only=False``; with an adapter, the default is how the adapter's base was
     loaded in training (its ``base_loading.json``), and a contradicting ``text_only`` is refused, since the
-    adapter's weights are named after that model. The model lands on the GPU when there is one. The generation
+    adapter's weights are named after that model; so is a base of another ``model_type`` than the record's. With
+    ``quantization="4bit"`` and a QLoRA adapter, the base is quantised with the recorded settings (quant type, double
+    quantisation, storage dtype, skipped modules) from the recorded load dtype unless ``dtype`` is given: the NF4
+    base the adapter was trained on. Without a ``quantization`` the base loads in 16 bits, whatever training did. The model lands on the GPU when there is one. The generation
     config stops on ``<eos>`` and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training
     saved one there. Weights and adapters load from safetensors only unless ``allow_pickle=True``. A ``gguf_file``
     (as in transformers) is converted once into a cached checkpoint (:func:`~persian_qlora.bases.gguf_base`), which
@@ -170,8 +173,10 @@ def load_for_inference(
     from persian_qlora.loading import default_bnb_config, load_base, read_provenance, resolve_dtype
     from persian_qlora.modeling import load_adapter
 
-    dtype = resolve_dtype(dtype)
     trained = read_provenance(adapter) if adapter is not None else None
+    recorded_nf4 = quantization == "4bit" and trained is not None and trained.quantization is not None
+    # NF4 of a bf16 weight and of its fp32 copy differ: re-make the 4-bit base from the dtype training loaded it in.
+    dtype = resolve_dtype(dtype if dtype is not None or not recorded_nf4 else trained.torch_dtype("load_dtype"))
     if trained is not None:
         if text_only is not None and text_only != trained.text_only:
             how = "its language model alone" if trained.text_only else "the whole model"
@@ -180,7 +185,9 @@ def load_for_inference(
                 f"text_only={trained.text_only}, or leave text_only unset"
             )
         text_only = trained.text_only
-    if quantization == "4bit":
+    if recorded_nf4:
+        load_kwargs["quantization_config"] = trained.bnb_config(dtype)
+    elif quantization == "4bit":
         load_kwargs["quantization_config"] = default_bnb_config(dtype)
     elif quantization == "8bit":
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -194,6 +201,11 @@ def load_for_inference(
     model, loading = load_base(
         path_or_id, text_only=True if text_only is None else text_only, dtype=dtype, gguf_file=gguf_file, **load_kwargs
     )
+    if trained is not None and loading.model_type != trained.model_type:
+        raise PersianQLoRAError(
+            f"the adapter in {adapter} was trained on a {trained.model_type} checkpoint ({trained.base}), but "
+            f"{path_or_id} is {loading.model_type}; load it onto the base it was trained on"
+        )
     tokenizer_source = loading.base
     if adapter is not None:
         model = load_adapter(model, adapter, allow_pickle=allow_pickle)

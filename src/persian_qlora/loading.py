@@ -147,6 +147,28 @@ class BaseLoading:
     def torch_dtype(self, which: str = "load_dtype") -> torch.dtype:
         return getattr(torch, getattr(self, which))
 
+    def bnb_config(self, compute_dtype: torch.dtype | None = None):
+        """The ``BitsAndBytesConfig`` that re-makes this base's 4-bit weights as training had them (quant type,
+        double quantisation, storage dtype, skipped modules: what the nf4 merge re-makes too), or None for a 16-bit
+        base. ``compute_dtype`` defaults to the recorded one."""
+        if self.quantization is None:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        recorded = self.quantization
+        if recorded.get("method") != "bitsandbytes":
+            raise PersianQLoRAError(f"{self.base}: recorded quantisation {recorded} is not one bitsandbytes can re-make")
+        if recorded.get("blocksize") not in (None, 64):  # transformers' config has no block size; bnb's default is 64
+            logger.warning("%s was quantised in blocks of %s; loading with 64", self.base, recorded["blocksize"])
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=recorded["quant_type"],
+            bnb_4bit_use_double_quant=recorded["double_quant"],
+            bnb_4bit_compute_dtype=compute_dtype or self.torch_dtype("compute_dtype"),
+            bnb_4bit_quant_storage=getattr(torch, recorded["quant_storage"]),
+            llm_int8_skip_modules=list(recorded["skip_modules"]),
+        )
+
 
 def read_provenance(adapter_dir: str | Path) -> BaseLoading | None:
     """The :class:`BaseLoading` saved beside an adapter, or None for an adapter saved without one (older versions,
