@@ -51,17 +51,17 @@ _BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 def _training_texts() -> Iterable[str]:
     from persian_qlora.dataset import bundled_corpus_path
 
-    for split in ("train", "test"):
-        for line in bundled_corpus_path(split).read_text(encoding="utf-8").splitlines():
-            for message in json.loads(line)["messages"]:
-                yield message["content"]
+    # The train split only: the test split scores the demo, so nothing built for it may have seen that text.
+    for line in bundled_corpus_path("train").read_text(encoding="utf-8").splitlines():
+        for message in json.loads(line)["messages"]:
+            yield message["content"]
     # A little English and code so that English text does not fall back to bytes at every letter.
     yield "The quick brown fox jumps over the lazy dog. Python, Git, SQL, HTTP and JSON are everyday tools."
     yield "def main():\n    print('hello world')\n    return 0\n"
 
 
 def build_tiny_tokenizer(vocab_size: int = 2048, save_dir: str | Path | None = None):
-    """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus.
+    """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus's train split.
 
     The result is a real ``GemmaTokenizer`` (the same normaliser, byte fallback and decoder as Gemma's), carrying
     Gemma's special tokens and its exact chat template, so any Persian or English text round-trips without
