@@ -16,10 +16,38 @@ from typing import Any, Literal
 import torch
 
 from persian_qlora.measure import PhaseMeter
+from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig, normalize_persian, read_normalization
 
-__all__ = ["GenerationResult", "evaluation_pairs", "generate", "load_for_inference", "stop_token_ids", "stream_reply"]
+__all__ = [
+    "AS_TRAINED",
+    "GenerationResult",
+    "evaluation_pairs",
+    "generate",
+    "load_for_inference",
+    "normalized_prompt",
+    "stop_token_ids",
+    "stream_reply",
+]
 
 Conversation = list[dict[str, str]]
+
+# The default prompt normalisation: the one recorded beside the model's adapter (text_normalization.json, read by
+# load_for_inference), else the training default. Training normalises ي→ی, ك→ک, ZWNJ...; a prompt typed on an
+# Arabic keyboard layout would otherwise reach the model in letters it never saw in training.
+AS_TRAINED = "as trained"
+PromptNormalization = NormalizerConfig | None | Literal["as trained"]
+
+
+def normalized_prompt(model, conversation: Conversation, normalize: PromptNormalization = AS_TRAINED) -> Conversation:
+    """``conversation`` with its user and system text normalised (``normalize=None``: as written). Model turns are
+    the model's own words and stay as they are."""
+    config = getattr(model, "text_normalizer", DEFAULT_NORMALIZER) if normalize == AS_TRAINED else normalize
+    if config is None:
+        return list(conversation)
+    return [
+        {**m, "content": normalize_persian(m["content"], config)} if m["role"] in ("user", "system") else m
+        for m in conversation
+    ]
 
 
 @dataclass
@@ -76,6 +104,7 @@ def generate(
     top_k: int = 0,
     progress: bool = False,
     suppress_untrained: bool = True,
+    normalize: PromptNormalization = AS_TRAINED,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """Generate the next model turn of each conversation; return the texts in input order, whether each ended its
@@ -85,11 +114,13 @@ def generate(
     the reply is decoded without special tokens and stripped. ``suppress_untrained`` never lets the model emit a
     token no fine-tune trains (``<unused*>``, media placeholders, padding; see :mod:`persian_qlora.tokens`): a
     fine-tuned base model otherwise emits them where its turn should end. Extra keyword arguments go to
-    ``model.generate``.
+    ``model.generate``. User and system text is normalised as the training text was (:func:`normalized_prompt`;
+    ``normalize=None`` sends it as written, or pass a :class:`~persian_qlora.NormalizerConfig`).
     """
     from tqdm.auto import tqdm
 
-    rendered = tokenizer.apply_chat_template(list(conversations), tokenize=False, add_generation_prompt=True)
+    prompts = [normalized_prompt(model, c, normalize) for c in conversations]
+    rendered = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
@@ -164,7 +195,9 @@ def load_for_inference(
     config stops on ``<eos>`` and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training
     saved one there. Weights and adapters load from safetensors only unless ``allow_pickle=True``. A ``gguf_file``
     (as in transformers) is converted once into a cached checkpoint (:func:`~persian_qlora.bases.gguf_base`), which
-    is loaded like any other. Returns ``(model, tokenizer)``.
+    is loaded like any other. The adapter's recorded text normalisation (``text_normalization.json``) becomes the
+    model's ``text_normalizer``, which :func:`generate` and :func:`stream_reply` apply to prompts by default.
+    Returns ``(model, tokenizer)``.
     """
     from transformers import AutoTokenizer, BitsAndBytesConfig
 
@@ -209,6 +242,7 @@ def load_for_inference(
     tokenizer_source = loading.base
     if adapter is not None:
         model = load_adapter(model, adapter, allow_pickle=allow_pickle)
+        model.text_normalizer = read_normalization(adapter)  # how its training text was normalised
         if (Path(adapter) / "tokenizer_config.json").exists():
             tokenizer_source = adapter
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -228,18 +262,20 @@ def stream_reply(
     top_p: float = 1.0,
     top_k: int = 0,
     suppress_untrained: bool = True,
+    normalize: PromptNormalization = AS_TRAINED,
     **generate_kwargs: Any,
 ) -> Iterator[str]:
     """Yield the next model turn of one conversation piece by piece, as it is generated.
 
     Uses transformers' ``TextIteratorStreamer``: generation runs in a background thread and the decoded text
     arrives here. Joined, the pieces equal the text :func:`generate` returns for the same settings
-    (``suppress_untrained`` included).
+    (``suppress_untrained`` and ``normalize`` included).
     """
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = normalized_prompt(model, conversation, normalize)
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
     generate_kwargs = _with_suppression(tokenizer, generate_kwargs, suppress_untrained)
     device = next(model.parameters()).device

@@ -27,6 +27,7 @@ from persian_qlora.loss import DEFAULT_CHUNK_SIZE, lean_model_loss
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.measure import PhaseMeter
 from persian_qlora.modeling import LoraSettings
+from persian_qlora.normalize import save_normalization
 
 __all__ = [
     "RunConfig",
@@ -294,8 +295,13 @@ class _Trainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         loading = getattr(self.accelerator.unwrap_model(self.model), "base_loading", None)
-        if loading is not None and self.args.should_save:  # the writing rank only, as Trainer._save
+        if not self.args.should_save:  # the writing rank only, as Trainer._save
+            return
+        if loading is not None:
             loading.save(output_dir or self.args.output_dir)
+        data = getattr(self.train_dataset, "dataset", self.train_dataset)  # a random_split part: its whole set
+        if hasattr(data, "normalize"):
+            save_normalization(output_dir or self.args.output_dir, data.normalize)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation without ``compute_metrics`` asks for the loss alone: compute it lean. Trainer's own step asks
