@@ -144,5 +144,7 @@ def test_the_tiny_tokenizer_never_sees_the_test_split(tmp_path, monkeypatch):
     other_test = tmp_path / "test.jsonl"
     turn = {"messages": [{"role": "user", "content": "ژاژخایی ژاژخایی ژاژخایی"}, {"role": "assistant", "content": "ژ"}]}
     other_test.write_text((json.dumps(turn, ensure_ascii=False) + "\n") * 50, encoding="utf-8")
-    monkeypatch.setattr(persian_qlora.dataset, "bundled_corpus_path", lambda s: other_test if s == "test" else bundled(s))
+    monkeypatch.setattr(
+        persian_qlora.dataset, "bundled_corpus_path", lambda split: other_test if split == "test" else bundled(split)
+    )
     assert build_tiny_tokenizer().get_vocab() == vocab

@@ -269,6 +269,7 @@ def verdict(
         repetition = _get(after, "repetition")
         if repetition is not None and repetition >= reference + STILL_LOOPING_MARGIN:
             loops = f"; replies still loop ({repetition:.0%} of their 4-grams repeat; the references' {reference:.0%})"
+            loops = "" if "looping" in new_problems else loops  # "still: replies loop …" says it already
             return Verdict("learned, but still loops", f"{', '.join(gains.values())}{loops}{still}")
         return Verdict("improved", f"{', '.join(gains.values())}{still}")
     if losses:

@@ -162,8 +162,11 @@ class BaseLoading:
 
         recorded = self.quantization
         if recorded.get("method") != "bitsandbytes":
-            raise PersianQLoRAError(f"{self.base}: recorded quantisation {recorded} is not one bitsandbytes can re-make")
-        if recorded.get("blocksize") not in (None, 64):  # transformers' config has no block size; bnb's default is 64
+            raise PersianQLoRAError(
+                f"{self.base}: recorded quantisation {recorded} is not one bitsandbytes can re-make; load the base "
+                "without quantization"
+            )
+        if recorded.get("blocksize") not in (None, 64):  # transformers' config has no block size; bnb's is 64
             logger.warning("%s was quantised in blocks of %s; loading with 64", self.base, recorded["blocksize"])
         return BitsAndBytesConfig(
             load_in_4bit=True,

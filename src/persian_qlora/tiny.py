@@ -212,7 +212,8 @@ def build_tiny_gemma(
     needs timm, ``pip install 'persian-qlora[multimodal]'``). Weights depend only on
     ``seed``; the generation config stops on both ``<eos>`` and ``<end_of_turn>``, as Gemma's does.
     ``vocab_size`` is the model's vocabulary rows. The tokenizer learns that many tokens where the bundled corpus
-    allows (at most 8,517); rows beyond its tokens are never produced by it, as Gemma's unused rows are not
+    allows (at most 7,688, from the train split); rows beyond its tokens are never produced by it, as Gemma's unused
+    rows are not
     (``vocab_size=262_144`` gives Gemma's LM-head width). Below about 420 the tokenizer needs more tokens than
     asked for (its alphabet), and the model gets a row for each.
     ``config_overrides`` replace text-config fields (e.g. ``hidden_size=128, num_hidden_layers=4``); keep
