@@ -193,7 +193,8 @@ def load_for_inference(
     quantisation, storage dtype, skipped modules) from the recorded load dtype unless ``dtype`` is given: the NF4
     base the adapter was trained on. Without a ``quantization`` the base loads in 16 bits, whatever training did.
     The model lands on the GPU when there is one. The generation config stops on ``<eos>`` and ``<end_of_turn>``.
-    The tokenizer comes from the adapter directory when training saved one there. Weights and adapters load from safetensors only unless ``allow_pickle=True``. A ``gguf_file``
+    The tokenizer comes from the adapter directory when training saved one there. Weights and adapters load from
+    safetensors only unless ``allow_pickle=True``. A ``gguf_file``
     (as in transformers) is converted once into a cached checkpoint (:func:`~persian_qlora.bases.gguf_base`), which
     is loaded like any other. The adapter's recorded text normalisation (``text_normalization.json``) becomes the
     model's ``text_normalizer``, which :func:`generate` and :func:`stream_reply` apply to prompts by default.
