@@ -349,12 +349,8 @@ def load_base(
     if on_host is None:
         on_host = torch.cuda.is_available() and _single_process()
     on_host = on_host and bool(built.text().per_layer_embeddings)
+    # A whole-model map on an accelerator: the tables go to the host from the start. Another map is the caller's.
     placed = on_host and isinstance(device_map, dict) and set(device_map) == {""} and device_map[""] != "cpu"
-    if placed:  # a whole-model map: the tables go to the host from the start; another map is the caller's
-        device_map = host_placement(built, built_config, device_map[""])
-        if quantization_config is not None:  # bitsandbytes refuses a device map with "cpu" in it without this
-            quantization_config = copy.deepcopy(quantization_config)
-            quantization_config.llm_int8_enable_fp32_cpu_offload = True
     load_kwargs["device_map"] = device_map
     if quantization_config is not None:
         load_kwargs["quantization_config"] = quantization_config
@@ -366,6 +362,11 @@ def load_base(
     if placed:
         accelerate_logger.addFilter(drop_notice)
     try:
+        if placed:  # inside the try: building the meta copy of a whole Gemma 3n needs timm too
+            load_kwargs["device_map"] = host_placement(built, built_config, device_map[""])
+            if quantization_config is not None:  # bitsandbytes refuses a device map with "cpu" in it without this
+                load_kwargs["quantization_config"] = copy.deepcopy(quantization_config)
+                load_kwargs["quantization_config"].llm_int8_enable_fp32_cpu_offload = True
         with warnings.catch_warnings():
             # accelerate checks a device map against module names; ours also names buffers, which transformers reads
             warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
@@ -386,7 +387,7 @@ def load_base(
     if text_only:
         _check_text_only_load(family, path, info)
     if placed:
-        _keep_on_host(model, device_map)
+        _keep_on_host(model, load_kwargs["device_map"])
     if on_host:
         stored = getattr(config, "dtype", None)  # the checkpoint's: bf16 for Gemma
         narrower = isinstance(stored, torch.dtype) and stored.itemsize < dtype.itemsize
