@@ -350,7 +350,8 @@ def load_base(
         on_host = torch.cuda.is_available() and _single_process()
     on_host = on_host and bool(built.text().per_layer_embeddings)
     # A whole-model map on an accelerator: the tables go to the host from the start. Another map is the caller's.
-    placed = on_host and isinstance(device_map, dict) and set(device_map) == {""} and device_map[""] != "cpu"
+    placed = on_host and isinstance(device_map, dict) and set(device_map) == {""}
+    placed = placed and torch.device(device_map[""]).type != "cpu"
     load_kwargs["device_map"] = device_map
     if quantization_config is not None:
         load_kwargs["quantization_config"] = quantization_config
