@@ -152,3 +152,12 @@ def test_a_merged_model_is_judged_against_the_base_it_was_merged_into():
     assert original.endswith("perplexity 73.57 → 28.56.")
     assert "merged bf16 (nf4 base): improved** against the NF4 base it was merged into" in nf4
     assert "perplexity 73.57 → 29.90" in nf4 and nf4.endswith("perplexity 48.80 → 29.90.")
+
+
+def test_without_a_lora_run_the_merge_is_judged_against_the_16_bit_base_compare_evaluated():
+    nf4_base = scores(VARIED, [True] * 3, perplexity=73.57)
+    trained = scores(LEARNED, [True] * 3, perplexity=29.9)
+    qlora = run("qlora", nf4_base, trained, [("original", scores(LEARNED, [True] * 3, perplexity=28.56))])
+    qlora["base_16bit"] = scores(VARIED, [True] * 3, perplexity=48.8)
+    merged_line = verdict_lines(report(qlora))[1]
+    assert "against the 16-bit base it was merged into" in merged_line and "perplexity 48.80 → 28.56" in merged_line
