@@ -141,7 +141,16 @@ def test_a_perplexity_gain_does_not_hide_degeneration():
 def test_looping_that_gets_sharply_worse_is_degenerate():
     before, after = {**HEALTHY, "repetition": 0.55}, {**HEALTHY, "repetition": 0.95, "bleu": 2.0}
     assert verdict(before, after).label == "degenerate"
-    assert verdict(before, {**after, "repetition": 0.6}).label == "improved"  # still looping, no worse: BLEU rose
+    still_looping = verdict(before, {**after, "repetition": 0.6}, reference_repetition=0.001)
+    assert still_looping.label == "learned, but still loops"  # BLEU rose, but the replies loop as much as before
+    assert "replies still loop (60% of their 4-grams repeat; the references' 0%)" in still_looping.summary
+
+
+def test_gains_with_repetition_beyond_the_references_are_never_improved():
+    before = {**HEALTHY, "repetition": 0.3}  # below LOOPING, yet far above the references
+    after = {**before, "bleu": 3.0}
+    assert verdict(before, after).label == "learned, but still loops"
+    assert verdict(before, after, reference_repetition=0.25).label == "improved"
 
 
 def test_small_moves_are_no_change():

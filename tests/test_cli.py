@@ -67,6 +67,11 @@ def test_train_rejects_a_misspelt_setting_before_loading_anything(capsys):
     assert "unknown setting 'learning_rat'; did you mean 'learning_rate'?" in capsys.readouterr().err
 
 
+def test_train_refuses_fp16_from_the_command_line(tmp_path, capsys):
+    assert main(["train", "--tiny", "--output-dir", str(tmp_path / "run"), "--fp16", "true"]) == 2
+    assert "fp16=True is refused for Gemma" in capsys.readouterr().err
+
+
 def test_other_commands_reject_unknown_flags():
     import pytest
 

@@ -99,3 +99,94 @@ def test_chat_in_a_real_terminal(tiny_gemma3_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.fixture(scope="module")
+def fp4_adapter(tiny_gemma3_path, tmp_path_factory):
+    """A QLoRA adapter whose base was quantised with non-default settings (FP4, no double quantisation)."""
+    from transformers import BitsAndBytesConfig
+
+    from persian_qlora.modeling import build_qlora_model
+
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False, llm_int8_skip_modules=["lm_head"]
+    )
+    model = build_qlora_model(tiny_gemma3_path, bnb_config=bnb_config)
+    directory = tmp_path_factory.mktemp("fp4-adapter")
+    model.save_pretrained(directory)
+    model.base_loading.save(directory)
+    return directory
+
+
+def test_4bit_inference_quantises_the_base_as_training_did(tiny_gemma3_path, fp4_adapter):
+    model, _ = load_for_inference(tiny_gemma3_path, fp4_adapter, quantization="4bit")
+    state = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight.quant_state
+    assert (state.quant_type, state.nested) == ("fp4", False)
+
+
+def test_an_adapter_is_refused_on_a_base_of_another_model_type(tiny_gemma3_path, fp4_adapter, tmp_path):
+    import json
+    import shutil
+
+    from persian_qlora import PersianQLoRAError
+
+    moved = shutil.copytree(fp4_adapter, tmp_path / "adapter")
+    record = json.loads((moved / "base_loading.json").read_text())
+    (moved / "base_loading.json").write_text(json.dumps({**record, "model_type": "gemma3n_text"}))
+    with pytest.raises(PersianQLoRAError, match="trained on a gemma3n_text checkpoint.*is gemma3_text"):
+        load_for_inference(tiny_gemma3_path, moved)
+
+
+# Arabic yeh and kaf, as an Arabic keyboard layout types them, against the Persian letters training saw.
+ARABIC_TYPED, PERSIAN = "آيا كتاب را خواندي؟", "آیا کتاب را خواندی؟"
+
+
+def _prompt_ids(model, send):
+    """The token ids the model is first called with while ``send()`` runs: the prompt as the model sees it."""
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()) if not seen else None, with_kwargs=True
+    )
+    try:
+        send()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("way", ["generate", "stream_reply", "ChatSession"])
+def test_arabic_yeh_and_kaf_reach_the_model_as_persian(loaded, way):
+    model, tokenizer = loaded
+
+    def prompt_ids(text, system="كوتاه", **normalize):
+        conversation = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        sends = {
+            "generate": lambda: generate(model, tokenizer, [conversation], max_new_tokens=1, **normalize),
+            "stream_reply": lambda: list(stream_reply(model, tokenizer, conversation, max_new_tokens=1, **normalize)),
+            "ChatSession": lambda: list(
+                ChatSession(model, tokenizer, system=system, sampling=GREEDY, max_new_tokens=1, **normalize).send(text)
+            ),
+        }
+        return _prompt_ids(model, sends[way])
+
+    assert prompt_ids(ARABIC_TYPED) == prompt_ids(PERSIAN, system="کوتاه")
+    assert prompt_ids(ARABIC_TYPED, normalize=None) != prompt_ids(PERSIAN, system="کوتاه", normalize=None)
+
+
+def test_the_adapter_records_its_normalisation_and_inference_applies_it(tiny_gemma3_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from persian_qlora.modeling import build_lora_model
+    from persian_qlora.normalize import NormalizerConfig, read_normalization
+    from persian_qlora.training import TrainConfig, make_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma3_path)
+    no_spacing = NormalizerConfig(spacing=False)
+    data = PersianChatDataset.bundled(tokenizer, max_length=128, normalize=no_spacing)
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=1, extra={"disable_tqdm": True, "save_strategy": "no"})
+    trainer = make_trainer(build_lora_model(tiny_gemma3_path), tokenizer, data, config=config)
+    trainer.train()
+    trainer.save_model()
+    assert read_normalization(tmp_path) == no_spacing
+    model, _ = load_for_inference(tiny_gemma3_path, tmp_path)
+    assert model.text_normalizer == no_spacing

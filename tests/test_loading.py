@@ -217,3 +217,25 @@ def test_an_unknown_family_is_refused_by_name():
 
     with pytest.raises(PersianQLoRAError, match="'llama' is not a Gemma family"):
         family_of(LlamaConfig())
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["16-bit", "nf4"])
+def test_per_layer_embeddings_are_loaded_onto_the_host_and_nothing_else_is(tiny_gemma3n_path, quantized):
+    """The meta device stands in for the accelerator: every parameter found on the host was put there by the load
+    itself (a table loaded onto the accelerator and moved afterwards could not be: a meta tensor holds no data)."""
+    from persian_qlora.loading import default_bnb_config
+
+    bnb_config = default_bnb_config() if quantized else None
+    model, record = load_base(
+        tiny_gemma3n_path,
+        per_layer_embeddings_on_host=True,
+        device_map={"": "meta"},
+        quantization_config=bnb_config,
+    )
+    placed = {name: parameter.device.type for name, parameter in model.named_parameters()}
+    on_host = {name for name, device in placed.items() if device == "cpu"}
+    assert on_host == {"model.embed_tokens_per_layer.weight"}
+    assert set(placed.values()) == {"cpu", "meta"} and record.per_layer_embeddings_on_host
+    assert model.hf_device_map["model.embed_tokens_per_layer"] == "cpu"
+    assert not [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]  # no accelerate offload
+    assert bnb_config is None or not bnb_config.llm_int8_enable_fp32_cpu_offload  # the caller's config is untouched

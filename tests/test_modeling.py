@@ -132,3 +132,13 @@ def test_accelerate_configs_load(tmp_path):
     assert [c.stem for c in configs] == ["ddp", "deepspeed_zero2", "fsdp_qlora"]
     kinds = {c.stem: load_config_from_file(str(c)).distributed_type.name for c in configs}
     assert kinds == {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp_qlora": "FSDP"}
+
+
+def test_the_tokenizer_is_found_where_the_model_is(tiny_gemma3_path, tmp_path):
+    # A checkpoint in a repository's subfolder: the tokenizer must be read with the same hub arguments as the weights
+    # (token, revision, cache_dir and subfolder alike), not from the repository's root.
+    import shutil
+
+    shutil.copytree(tiny_gemma3_path, tmp_path / "model")
+    model = build_lora_model(str(tmp_path), subfolder="model")
+    assert model.base_loading.base == str(tmp_path)

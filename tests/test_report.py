@@ -64,14 +64,17 @@ def test_a_collapsed_run_is_degenerate_and_a_learning_run_improved():
     assert data["runs"][0]["after"]["bleu"] > data["runs"][0]["before"]["bleu"]  # looping earns some overlap
     lines = verdict_lines(data)
     assert lines[0].startswith("- **QLoRA (NF4 base): degenerate.** Replies loop on a word or short phrase")
-    assert lines[1].startswith("- **QLoRA (NF4 base), merged bf16 (original base): degenerate.**")
+    assert lines[1].startswith("- **QLoRA (NF4 base), merged bf16 (original base): degenerate** against the 16-bit")
     assert lines[3].startswith("- **LoRA (16-bit base): improved.**") and "turn-end rate 0% → 100%" in lines[3]
     assert "training loss 7.800 → 6.900" in lines[2]
 
 
 def test_report_markdown_has_the_behaviour_table_and_the_verdicts(tmp_path):
-    write_report(collapsed_and_learned(), tmp_path)
+    data = collapsed_and_learned()
+    data["runs"][0]["prompt_normalization"] = None
+    write_report(data, tmp_path)
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Prompts sent as written (not normalised)." in text
     assert "## Behaviour" in text
     assert "| QLoRA (NF4 base), merged bf16 (original base) | 0% | 96% | 0.03 | 100% |" in text
     assert "| LoRA (16-bit base), after | 100% | 0% |" in text and "| *references* | – | 0% |" in text
@@ -134,3 +137,27 @@ def test_no_chart_has_colliding_labels_whatever_the_number_of_runs_and_merges(tm
     checked.clear()
     write_report(with_two_runs, tmp_path)
     assert checked["metrics.png"] == [] and checked["resources.png"] == []
+
+
+def test_a_merged_model_is_judged_against_the_base_it_was_merged_into():
+    # The real 270M's figures (docs/results.md): the NF4 base scores 73.57, the 16-bit base 48.8.
+    nf4_base = scores(VARIED, [True] * 3, perplexity=73.57)
+    sixteen_bit_base = scores(VARIED, [True] * 3, perplexity=48.8)
+    trained = scores(LEARNED, [True] * 3, perplexity=29.9)
+    merged = [("original", scores(LEARNED, [True] * 3, perplexity=28.56)), ("nf4", trained)]
+    data = report(run("qlora", nf4_base, trained, merged), run("lora", sixteen_bit_base, trained))
+    original, nf4 = verdict_lines(data)[1:3]
+    assert "merged bf16 (original base): improved** against the 16-bit base it was merged into" in original
+    assert "perplexity 48.80 → 28.56" in original and "Against the NF4 base: BLEU-4" in original
+    assert original.endswith("perplexity 73.57 → 28.56.")
+    assert "merged bf16 (nf4 base): improved** against the NF4 base it was merged into" in nf4
+    assert "perplexity 73.57 → 29.90" in nf4 and nf4.endswith("perplexity 48.80 → 29.90.")
+
+
+def test_without_a_lora_run_the_merge_is_judged_against_the_16_bit_base_compare_evaluated():
+    nf4_base = scores(VARIED, [True] * 3, perplexity=73.57)
+    trained = scores(LEARNED, [True] * 3, perplexity=29.9)
+    qlora = run("qlora", nf4_base, trained, [("original", scores(LEARNED, [True] * 3, perplexity=28.56))])
+    qlora["base_16bit"] = scores(VARIED, [True] * 3, perplexity=48.8)
+    merged_line = verdict_lines(report(qlora))[1]
+    assert "against the 16-bit base it was merged into" in merged_line and "perplexity 48.80 → 28.56" in merged_line

@@ -132,3 +132,19 @@ def test_vocab_size_is_the_models_rows_even_beyond_what_the_tokenizer_learns(tmp
 def test_every_token_has_exactly_one_row_when_the_corpus_allows_the_size(tmp_path, vocab_size):
     path = build_tiny_gemma(tmp_path, vocab_size=vocab_size)
     assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == len(AutoTokenizer.from_pretrained(path))
+
+
+def test_the_tiny_tokenizer_never_sees_the_test_split(tmp_path, monkeypatch):
+    # The demo scores on the test split, so the tokenizer built for it must be the same whatever that split holds.
+    import persian_qlora.dataset
+    from persian_qlora.tiny import build_tiny_tokenizer
+
+    bundled = persian_qlora.dataset.bundled_corpus_path
+    vocab = build_tiny_tokenizer().get_vocab()
+    other_test = tmp_path / "test.jsonl"
+    turn = {"messages": [{"role": "user", "content": "ژاژخایی ژاژخایی ژاژخایی"}, {"role": "assistant", "content": "ژ"}]}
+    other_test.write_text((json.dumps(turn, ensure_ascii=False) + "\n") * 50, encoding="utf-8")
+    monkeypatch.setattr(
+        persian_qlora.dataset, "bundled_corpus_path", lambda split: other_test if split == "test" else bundled(split)
+    )
+    assert build_tiny_tokenizer().get_vocab() == vocab

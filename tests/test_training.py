@@ -28,6 +28,18 @@ def test_defaults_are_the_reference_recipe(tmp_path):
         TrainConfig(extra={"learning_rat": 1.0}).training_arguments()
 
 
+def test_fp16_is_refused_however_it_is_set(tmp_path):
+    from persian_qlora.training import RunConfig
+
+    with pytest.raises(ConfigError, match=r"fp16=True is refused for Gemma: its activations overflow fp16.*fp32"):
+        TrainConfig(output_dir=str(tmp_path), extra={"fp16": True}).training_arguments()
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"output_dir: {tmp_path / 'run'}\nfp16: true\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="fp16=True is refused"):
+        RunConfig.load(yaml_file)
+    assert TrainConfig(output_dir=str(tmp_path), extra={"fp16": False}).training_arguments().fp16 is False
+
+
 def _small_config(output_dir, **overrides):
     values = dict(
         output_dir=str(output_dir),

@@ -37,6 +37,7 @@ from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig, normal
 
 __all__ = [
     "PERSIAN_LETTERS",
+    "STILL_LOOPING_MARGIN",
     "BehaviourScores",
     "Verdict",
     "behaviour_scores",
@@ -144,6 +145,8 @@ MOVES = {
     "persian_letters": 0.1,
 }
 PERPLEXITY_MOVE = 0.02  # relative
+# Replies whose repetition exceeds the references' by this much still loop: such a run is never "improved".
+STILL_LOOPING_MARGIN = MOVES["repetition"]
 LENGTH_MOVE = 0.2  # of the references' mean length, in how far the replies' mean is from it
 # Pooled distinct-2 falls as replies grow longer (common bigrams recur), so a move counts only between replies
 # whose mean lengths are within this factor; below LOW_DIVERSITY it is a problem at any length.
@@ -220,14 +223,19 @@ def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[dict[
 
 @dataclass(frozen=True)
 class Verdict:
-    """``label`` is one of "improved", "degenerate", "mixed", "worse", "no change"; ``summary`` says why."""
+    """``label`` is one of "improved", "learned, but still loops", "degenerate", "mixed", "worse", "no change";
+    ``summary`` says why."""
 
     label: str
     summary: str
 
 
-def verdict(before: Mapping[str, Any], after: Mapping[str, Any]) -> Verdict:
+def verdict(
+    before: Mapping[str, Any], after: Mapping[str, Any], *, reference_repetition: float | None = None
+) -> Verdict:
     """Judge one model against its starting point from their evaluation scores (as ``compare`` records them).
+
+    ``reference_repetition`` is the references' own repetition (0 when not given).
 
     The rules, in order:
 
@@ -239,6 +247,8 @@ def verdict(before: Mapping[str, Any], after: Mapping[str, Any]) -> Verdict:
        relative; length: towards or away from the references' mean by ``LENGTH_MOVE`` of it; distinct-2 only
        between replies of similar length, see ``DISTINCT_LENGTH_RATIO``) is a gain or a loss: **improved** with
        gains only, **worse** with losses only, **mixed** with both, **no change** with neither.
+    3. gains only, but the replies' repetition still exceeds ``reference_repetition`` by ``STILL_LOOPING_MARGIN``
+       or more: **learned, but still loops**, never "improved": the overlap can rise while the replies loop.
 
     Problems the replies had before and still have are named in the summary ("still: …").
     """
@@ -256,6 +266,12 @@ def verdict(before: Mapping[str, Any], after: Mapping[str, Any]) -> Verdict:
     if gains and losses:
         return Verdict("mixed", f"up: {', '.join(gains.values())}; down: {', '.join(losses.values())}{still}")
     if gains:
+        reference = reference_repetition or 0.0
+        repetition = _get(after, "repetition")
+        if repetition is not None and repetition >= reference + STILL_LOOPING_MARGIN:
+            loops = f"; replies still loop ({repetition:.0%} of their 4-grams repeat; the references' {reference:.0%})"
+            loops = "" if "looping" in new_problems else loops  # "still: replies loop …" says it already
+            return Verdict("learned, but still loops", f"{', '.join(gains.values())}{loops}{still}")
         return Verdict("improved", f"{', '.join(gains.values())}{still}")
     if losses:
         return Verdict("worse", f"{', '.join(losses.values())}{still}")

@@ -6,14 +6,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from persian_qlora.generation import REFERENCE_SAMPLING, stream_reply
+from persian_qlora.generation import AS_TRAINED, REFERENCE_SAMPLING, PromptNormalization, stream_reply
 
 __all__ = ["ChatSession", "REFERENCE_SAMPLING"]
 
 
 @dataclass
 class ChatSession:
-    """Keeps the conversation in Gemma's turn order; an optional system prompt opens it."""
+    """Keeps the conversation in Gemma's turn order; an optional system prompt opens it. User and system text reach
+    the model normalised as in training (``normalize``, see :func:`~persian_qlora.generation.normalized_prompt`;
+    None: as written)."""
 
     model: Any
     tokenizer: Any
@@ -21,6 +23,7 @@ class ChatSession:
     sampling: dict[str, Any] = field(default_factory=lambda: dict(REFERENCE_SAMPLING))
     max_new_tokens: int = 256
     history: list[dict[str, str]] = field(default_factory=list)
+    normalize: PromptNormalization = AS_TRAINED
 
     def reset(self) -> None:
         self.history.clear()
@@ -34,7 +37,12 @@ class ChatSession:
         pieces: list[str] = []
         try:
             for piece in stream_reply(
-                self.model, self.tokenizer, self.messages(), max_new_tokens=self.max_new_tokens, **self.sampling
+                self.model,
+                self.tokenizer,
+                self.messages(),
+                max_new_tokens=self.max_new_tokens,
+                normalize=self.normalize,
+                **self.sampling,
             ):
                 pieces.append(piece)
                 yield piece

@@ -245,7 +245,7 @@ def _cuda() -> bool:
 
 def _chat(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from persian_qlora.chat import ChatSession
-    from persian_qlora.generation import load_for_inference
+    from persian_qlora.generation import AS_TRAINED, load_for_inference
 
     load_in = args.load_in
     if args.quantization is not None:
@@ -257,7 +257,14 @@ def _chat(args: argparse.Namespace, extra: Sequence[str]) -> int:
         if args.greedy
         else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     )
-    session = ChatSession(model, tokenizer, system=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens)
+    session = ChatSession(
+        model,
+        tokenizer,
+        system=args.system,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        normalize=None if args.no_normalize else AS_TRAINED,
+    )
     chat_loop(session)
     return 0
 
@@ -495,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=64)
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="send your text as typed (default: Persian-normalised as the training text was, e.g. ي→ی, ك→ک)",
+    )
     chat.set_defaults(run=_chat)
 
     demo = commands.add_parser(

@@ -175,6 +175,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, test_source
             batch_size=config.eval_batch_size,
             use_cache=True,
             progress=True,
+            normalize=test.normalize,  # the prompts as the training text was normalised
             **config.generation,
         )
         scores = _scores(result, references, DEFAULT_NORMALIZER)
@@ -203,6 +204,7 @@ def _run_method(method: str, config: CompareConfig, model_path: str, test_source
         "references": references,
         "prompts": prompts,
         "train_conversations": len(train),
+        "prompt_normalization": asdict(test.normalize) if test.normalize is not None else None,
     }
     if method in config.merge_methods:
         del model, trainer
@@ -216,6 +218,10 @@ def _run_method(method: str, config: CompareConfig, model_path: str, test_source
             scores = evaluate(merged)
             del merged
             result["merged"].append({**scores, "merge": asdict(merging.result), "merge_base": merge_base})
+        if method == "qlora" and "original" in config.merge_bases and "lora" not in config.methods:
+            # An original-base merge is held against the 16-bit base; without a LoRA run, evaluate it here.
+            base, _ = load_for_inference(model_path)
+            result["base_16bit"] = evaluate(base)
     return result
 
 

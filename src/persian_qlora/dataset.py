@@ -648,6 +648,7 @@ class PersianChatDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_length must be at least 8 tokens, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.normalize = normalize  # recorded beside the adapter, so that inference normalises prompts alike
         self.markers = GemmaTurnMarkers.from_tokenizer(tokenizer)
 
         cleaning = CleaningCounts()

@@ -18,13 +18,16 @@ import torch
 
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.measure import PhaseMeter
+from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig, normalize_persian, read_normalization
 
 __all__ = [
     "REFERENCE_SAMPLING",
+    "AS_TRAINED",
     "GenerationResult",
     "evaluation_pairs",
     "generate",
     "load_for_inference",
+    "normalized_prompt",
     "stop_token_ids",
     "stream_reply",
 ]
@@ -32,6 +35,24 @@ __all__ = [
 Conversation = list[dict[str, str]]
 # The reference project's sampling settings: what chat uses, and what the GGUF export and its Modelfile carry.
 REFERENCE_SAMPLING: dict[str, Any] = {"do_sample": True, "temperature": 0.1, "top_p": 0.95, "top_k": 64}
+
+# The default prompt normalisation: the one recorded beside the model's adapter (text_normalization.json, read by
+# load_for_inference), else the training default. Training normalises ي→ی, ك→ک, ZWNJ...; a prompt typed on an
+# Arabic keyboard layout would otherwise reach the model in letters it never saw in training.
+AS_TRAINED = "as trained"
+PromptNormalization = NormalizerConfig | None | Literal["as trained"]
+
+
+def normalized_prompt(model, conversation: Conversation, normalize: PromptNormalization = AS_TRAINED) -> Conversation:
+    """``conversation`` with its user and system text normalised (``normalize=None``: as written). Model turns are
+    the model's own words and stay as they are."""
+    config = getattr(model, "text_normalizer", DEFAULT_NORMALIZER) if normalize == AS_TRAINED else normalize
+    if config is None:
+        return list(conversation)
+    return [
+        {**m, "content": normalize_persian(m["content"], config)} if m["role"] in ("user", "system") else m
+        for m in conversation
+    ]
 
 
 @dataclass
@@ -91,6 +112,7 @@ def generate(
     top_k: int = 0,
     progress: bool = False,
     suppress_untrained: bool = True,
+    normalize: PromptNormalization = AS_TRAINED,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """Generate the next model turn of each conversation; return the texts in input order, whether each ended its
@@ -100,11 +122,13 @@ def generate(
     the reply is decoded without special tokens and stripped. ``suppress_untrained`` never lets the model emit a
     token no fine-tune trains (``<unused*>``, media placeholders, padding; see :mod:`persian_qlora.tokens`): a
     fine-tuned base model otherwise emits them where its turn should end. Extra keyword arguments go to
-    ``model.generate``.
+    ``model.generate``. User and system text is normalised as the training text was (:func:`normalized_prompt`;
+    ``normalize=None`` sends it as written, or pass a :class:`~persian_qlora.NormalizerConfig`).
     """
     from tqdm.auto import tqdm
 
-    rendered = tokenizer.apply_chat_template(list(conversations), tokenize=False, add_generation_prompt=True)
+    prompts = [normalized_prompt(model, c, normalize) for c in conversations]
+    rendered = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
@@ -174,11 +198,17 @@ def load_for_inference(
     the LM head, Gemma 3n's AltUp linears and any tower unquantised as in training. A multimodal checkpoint loads
     its language model alone unless ``text_only=False``; with an adapter, the default is how the adapter's base was
     loaded in training (its ``base_loading.json``), and a contradicting ``text_only`` is refused, since the
-    adapter's weights are named after that model. The model lands on the GPU when there is one. The generation
-    config stops on ``<eos>`` and ``<end_of_turn>``. The tokenizer comes from the adapter directory when training
-    saved one there. Weights and adapters load from safetensors only unless ``allow_pickle=True``. A ``gguf_file``
+    adapter's weights are named after that model; so is a base of another ``model_type`` than the record's. With
+    ``load_in="4bit"`` and a QLoRA adapter, the base is quantised with the recorded settings (quant type, double
+    quantisation, storage dtype, skipped modules) from the recorded load dtype unless ``dtype`` is given: the NF4
+    base the adapter was trained on. Without ``load_in`` the base loads in 16 bits, whatever training did.
+    The model lands on the GPU when there is one. The generation config stops on ``<eos>`` and ``<end_of_turn>``.
+    The tokenizer comes from the adapter directory when training saved one there. Weights and adapters load from
+    safetensors only unless ``allow_pickle=True``. A ``gguf_file``
     (as in transformers) is converted once into a cached checkpoint (:func:`~persian_qlora.bases.gguf_base`), which
-    is loaded like any other. Returns ``(model, tokenizer)``.
+    is loaded like any other. The adapter's recorded text normalisation (``text_normalization.json``) becomes the
+    model's ``text_normalizer``, which :func:`generate` and :func:`stream_reply` apply to prompts by default.
+    Returns ``(model, tokenizer)``.
     """
     from transformers import AutoTokenizer, BitsAndBytesConfig
 
@@ -187,8 +217,10 @@ def load_for_inference(
     from persian_qlora.loading import default_bnb_config, load_base, read_provenance, resolve_dtype
     from persian_qlora.modeling import load_adapter
 
-    dtype = resolve_dtype(dtype)
     trained = read_provenance(adapter) if adapter is not None else None
+    recorded_nf4 = load_in == "4bit" and trained is not None and trained.quantization is not None
+    # NF4 of a bf16 weight and of its fp32 copy differ: re-make the 4-bit base from the dtype training loaded it in.
+    dtype = resolve_dtype(dtype if dtype is not None or not recorded_nf4 else trained.torch_dtype("load_dtype"))
     if trained is not None:
         if text_only is not None and text_only != trained.text_only:
             how = "its language model alone" if trained.text_only else "the whole model"
@@ -197,7 +229,9 @@ def load_for_inference(
                 f"text_only={trained.text_only}, or leave text_only unset"
             )
         text_only = trained.text_only
-    if load_in == "4bit":
+    if recorded_nf4:
+        load_kwargs["quantization_config"] = trained.bnb_config(dtype)
+    elif load_in == "4bit":
         load_kwargs["quantization_config"] = default_bnb_config(dtype)
     elif load_in == "8bit":
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -211,9 +245,15 @@ def load_for_inference(
     model, loading = load_base(
         model, text_only=True if text_only is None else text_only, dtype=dtype, gguf_file=gguf_file, **load_kwargs
     )
+    if trained is not None and loading.model_type != trained.model_type:
+        raise PersianQLoRAError(
+            f"the adapter in {adapter} was trained on a {trained.model_type} checkpoint ({trained.base}), but "
+            f"{loading.base} is {loading.model_type}; load it onto the base it was trained on"
+        )
     tokenizer_source = loading.base
     if adapter is not None:
         model = load_adapter(model, adapter, allow_pickle=allow_pickle)
+        model.text_normalizer = read_normalization(adapter)  # how its training text was normalised
         if (Path(adapter) / "tokenizer_config.json").exists():
             tokenizer_source = adapter
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -233,18 +273,20 @@ def stream_reply(
     top_p: float = 1.0,
     top_k: int = 0,
     suppress_untrained: bool = True,
+    normalize: PromptNormalization = AS_TRAINED,
     **generate_kwargs: Any,
 ) -> Iterator[str]:
     """Yield the next model turn of one conversation piece by piece, as it is generated.
 
     Uses transformers' ``TextIteratorStreamer``: generation runs in a background thread and the decoded text
     arrives here. Joined, the pieces equal the text :func:`generate` returns for the same settings
-    (``suppress_untrained`` included).
+    (``suppress_untrained`` and ``normalize`` included).
     """
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = normalized_prompt(model, conversation, normalize)
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
     generate_kwargs = _with_suppression(tokenizer, generate_kwargs, suppress_untrained)
     device = next(model.parameters()).device

@@ -6,7 +6,9 @@
   every base weight, never quantised (the family's skip list) and never adapted (LoRA targets the language model).
 - **Devices and dtypes.** The model lands on the GPU when there is one (this process's device under ``accelerate
   launch``), in the compute dtype of :func:`resolve_dtype`. On CUDA, Gemma 3n's per-layer embedding tables (2.35 B
-  parameters in E4B) move to the host and only the looked-up rows travel (:func:`offload_per_layer_embeddings`).
+  parameters in E4B) are loaded into host memory, never onto the accelerator (the ``device_map`` given to
+  ``from_pretrained`` names them, :func:`host_placement`), and only the looked-up rows travel
+  (:func:`offload_per_layer_embeddings`).
 - **Provenance.** :class:`BaseLoading` records how the base was loaded; the trainer saves it beside the adapter as
   ``base_loading.json``, and the merge and ``load_for_inference`` read it back, so an NF4 merge re-quantises exactly
   as training did and a mismatch is refused instead of merged silently.
@@ -14,9 +16,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,6 +37,8 @@ __all__ = [
     "PROVENANCE_FILE",
     "BaseLoading",
     "default_bnb_config",
+    "host_placement",
+    "hub_kwargs",
     "load_base",
     "offload_per_layer_embeddings",
     "read_provenance",
@@ -44,6 +50,12 @@ logger = logging.getLogger("persian_qlora")
 PROVENANCE_FILE = "base_loading.json"
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
 _VERSIONED = ("persian-qlora", "torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def hub_kwargs(load_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a load that say where a checkpoint is (token, revision, cache_dir, ...): the
+    tokenizer and config of a gated or pinned checkpoint need them as much as its weights do."""
+    return {k: load_kwargs[k] for k in _HUB_KWARGS if k in load_kwargs}
 
 
 def resolve_dtype(requested: torch.dtype | str | None = None) -> torch.dtype:
@@ -144,6 +156,31 @@ class BaseLoading:
     def torch_dtype(self, which: str = "load_dtype") -> torch.dtype:
         return getattr(torch, getattr(self, which))
 
+    def bnb_config(self, compute_dtype: torch.dtype | None = None):
+        """The ``BitsAndBytesConfig`` that re-makes this base's 4-bit weights as training had them (quant type,
+        double quantisation, storage dtype, skipped modules: what the nf4 merge re-makes too), or None for a 16-bit
+        base. ``compute_dtype`` defaults to the recorded one."""
+        if self.quantization is None:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        recorded = self.quantization
+        if recorded.get("method") != "bitsandbytes":
+            raise PersianQLoRAError(
+                f"{self.base}: recorded quantisation {recorded} is not one bitsandbytes can re-make; load the base "
+                "without quantization"
+            )
+        if recorded.get("blocksize") not in (None, 64):  # transformers' config has no block size; bnb's is 64
+            logger.warning("%s was quantised in blocks of %s; loading with 64", self.base, recorded["blocksize"])
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=recorded["quant_type"],
+            bnb_4bit_use_double_quant=recorded["double_quant"],
+            bnb_4bit_compute_dtype=compute_dtype or self.torch_dtype("compute_dtype"),
+            bnb_4bit_quant_storage=getattr(torch, recorded["quant_storage"]),
+            llm_int8_skip_modules=list(recorded["skip_modules"]),
+        )
+
 
 # Config entries that say how a checkpoint was saved, not what model it is.
 _NOT_THE_MODEL = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype")
@@ -179,13 +216,14 @@ def read_provenance(adapter_dir: str | Path) -> BaseLoading | None:
 
 
 def _quantization_record(model: nn.Module, bnb_config) -> dict[str, Any] | None:
-    """What bitsandbytes actually did, read off the first 4-bit layer (not what we asked for)."""
+    """What bitsandbytes actually did, read off the first 4-bit layer (not what we asked for); None when nothing was
+    quantised (no 4-bit layer, or weights left on the meta device)."""
     import bitsandbytes as bnb
 
     layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
-    if layer is None:
+    state = None if layer is None else layer.weight.quant_state
+    if state is None:
         return None
-    state = layer.weight.quant_state
     return {
         "method": "bitsandbytes",
         "quant_type": state.quant_type,
@@ -207,12 +245,78 @@ def _default_device_map() -> dict[str, Any] | None:
     return {"": PartialState().local_process_index}
 
 
+def host_placement(built: GemmaFamily, config: Any, device: Any) -> dict[str, Any]:
+    """The ``device_map`` that loads the model of ``built``'s class on ``device`` with its per-layer embedding tables
+    in host memory from the start. Moving them after ``from_pretrained`` would first put all of them on ``device``
+    (E4B: 4.7 GB in bf16, 9.4 GB in fp32), the peak a T4 cannot afford.
+
+    The tables ("cpu") and every module beside them on their path (``device``) are named one by one, found on a
+    meta-device copy of the model (no memory). A map with a ``""`` entry would not do: accelerate, which
+    ``from_pretrained`` hands a two-device map to, moves everything under ``""`` to its device first."""
+    names = built.text().per_layer_embeddings
+    with torch.device("meta"):
+        skeleton = built.model_class()._from_config(config)
+    tables = [name for name, _ in skeleton.named_modules() if name.rsplit(".", 1)[-1] in names]
+    placement: dict[str, Any] = {}
+
+    def place(module: nn.Module, prefix: str) -> None:
+        for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            placement[prefix + name] = device
+        for name, child in module.named_children():
+            full = prefix + name
+            if full in tables:
+                placement[full] = "cpu"
+            elif any(table.startswith(full + ".") for table in tables):
+                place(child, full + ".")
+            else:
+                placement[full] = device
+
+    place(skeleton, "")
+    return placement
+
+
+def _keep_on_host(model: nn.Module, device_map: dict[str, Any]) -> None:
+    """Undo accelerate's CPU offload of the host-placed tables. ``from_pretrained`` dispatches a model whose device
+    map has two devices, and accelerate treats a "cpu" module as offloaded: it parks the weights aside (the host
+    tensors themselves, no copy) and copies them to the accelerator at every forward, which is the memory we keep off
+    it. Here the hooks go and each table gets its parked host tensors back (its buffers, a scalar scale that
+    accelerate put on the accelerator, come back too); :func:`offload_per_layer_embeddings`' hooks then move the
+    looked-up rows only."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_submodules
+    from accelerate.utils import set_module_tensor_to_device
+
+    parked: dict[str, dict[str, torch.Tensor]] = {}
+    for name in (name for name, device in device_map.items() if device == "cpu"):
+        module = model.get_submodule(name)
+        hook = getattr(module, "_hf_hook", None)
+        for part in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+            if isinstance(part, AlignDevicesHook) and part.offload:
+                parked[name] = {key: part.weights_map[key] for key, _ in module.named_parameters()}
+                part.offload = False  # so that removing it restores nothing: we put the weights back below
+    remove_hook_from_submodules(model)
+    for name, tensors in parked.items():
+        module = model.get_submodule(name)
+        for key, value in tensors.items():
+            set_module_tensor_to_device(module, key, "cpu", value=value)
+        for key, buffer in module.named_buffers():
+            if buffer.device.type != "meta":  # meta only where the "accelerator" is the meta device (tests)
+                set_module_tensor_to_device(module, key, "cpu")
+
+
 class _DropTowerReport(logging.Filter):
     """Hide transformers' load report of a text-only load: it lists every tower tensor as unexpected. We check the
     report ourselves (:func:`_check_text_only_load`) and log one line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in record.getMessage()
+
+
+class _DropOffloadNotice(logging.Filter):
+    """Hide accelerate's notice that host-placed modules are "offloaded" to the meta device: :func:`_keep_on_host`
+    undoes that offload right after the load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "offloaded to the cpu" not in record.getMessage()
 
 
 def _check_text_only_load(family: GemmaFamily, path: str, info: dict[str, Any]) -> None:
@@ -272,27 +376,47 @@ def load_base(
         model = gguf_base(model, gguf_file)
     path = str(model)
     dtype = resolve_dtype(dtype)
-    config = AutoConfig.from_pretrained(path, **{k: load_kwargs[k] for k in _HUB_KWARGS if k in load_kwargs})
+    config = AutoConfig.from_pretrained(path, **hub_kwargs(load_kwargs))
     family = family_of(config)
     fingerprint = config_fingerprint(config)  # before the load can touch the config
     load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights unless the caller opts in
-    load_kwargs["device_map"] = device_map if device_map is not None else _default_device_map()
+    device_map = device_map if device_map is not None else _default_device_map()
+    text_only = text_only and family.multimodal
+    built = family.text() if text_only else family
+    built_config = config.get_text_config() if text_only else config
+    if text_only:
+        load_kwargs.update(config=built_config, key_mapping=dict(family.text_weight_names))
+
+    on_host = per_layer_embeddings_on_host
+    if on_host is None:
+        on_host = torch.cuda.is_available() and _single_process()
+    on_host = on_host and bool(built.text().per_layer_embeddings)
+    # A whole-model map on an accelerator: the tables go to the host from the start. Another map is the caller's.
+    placed = on_host and isinstance(device_map, dict) and set(device_map) == {""}
+    placed = placed and torch.device(device_map[""]).type != "cpu"
+    load_kwargs["device_map"] = device_map
     if quantization_config is not None:
         _refuse_half_quantised_experts(family, config, path)
         load_kwargs["quantization_config"] = quantization_config
-
-    text_only = text_only and family.multimodal
-    if text_only:
-        built = family.text()
-        load_kwargs.update(config=config.get_text_config(), key_mapping=dict(family.text_weight_names))
-    else:
-        built = family
     transformers_logger = logging.getLogger("transformers.modeling_utils")
-    drop_report = _DropTowerReport()
+    accelerate_logger = logging.getLogger("accelerate.big_modeling")
+    drop_report, drop_notice = _DropTowerReport(), _DropOffloadNotice()
     if text_only:
         transformers_logger.addFilter(drop_report)
+    if placed:
+        accelerate_logger.addFilter(drop_notice)
     try:
-        model, info = built.model_class().from_pretrained(path, dtype=dtype, output_loading_info=True, **load_kwargs)
+        if placed:  # inside the try: building the meta copy of a whole Gemma 3n needs timm too
+            load_kwargs["device_map"] = host_placement(built, built_config, device_map[""])
+            if quantization_config is not None:  # bitsandbytes refuses a device map with "cpu" in it without this
+                load_kwargs["quantization_config"] = copy.deepcopy(quantization_config)
+                load_kwargs["quantization_config"].llm_int8_enable_fp32_cpu_offload = True
+        with warnings.catch_warnings():
+            # accelerate checks a device map against module names; ours also names buffers, which transformers reads
+            warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
+            model, info = built.model_class().from_pretrained(
+                path, dtype=dtype, output_loading_info=True, **load_kwargs
+            )
     except ImportError as err:
         if "timm" in str(err).lower():
             raise MissingExtraError(
@@ -303,13 +427,11 @@ def load_base(
         raise
     finally:
         transformers_logger.removeFilter(drop_report)
+        accelerate_logger.removeFilter(drop_notice)
     if text_only:
         _check_text_only_load(family, path, info)
-
-    on_host = per_layer_embeddings_on_host
-    if on_host is None:
-        on_host = torch.cuda.is_available() and _single_process()
-    on_host = on_host and bool(built.text().per_layer_embeddings)
+    if placed:
+        _keep_on_host(model, load_kwargs["device_map"])
     if on_host:
         stored = getattr(config, "dtype", None)  # the checkpoint's: bf16 for Gemma
         narrower = isinstance(stored, torch.dtype) and stored.itemsize < dtype.itemsize
@@ -342,22 +464,26 @@ def offload_per_layer_embeddings(
     """Keep Gemma 3n's per-layer embedding tables in ``host`` memory; move only the rows a batch looks up.
 
     In E4B the tables hold 2.35 B parameters (4.7 GB in bf16) and are read by lookup alone, a few rows per token:
-    on the accelerator they would take a third of a T4. Each table moves to ``host`` once; a hook sends the token
-    ids there and brings the looked-up rows back to the device and dtype the rest of the model runs in. The model's
+    on the accelerator they would take a third of a T4. Each table moves to ``host`` once (:func:`load_base` loads
+    it there in the first place); a hook sends the token ids there and brings the looked-up rows back to the device
+    of the input embeddings, in the dtype the model was loaded in. The model's
     ``hf_device_map`` records the placement, so Trainer and accelerate leave it where it is. ``storage_dtype``
     stores the tables narrower on the host: exact when it is the checkpoint's own dtype (bf16 for Gemma) and the
     model was loaded wider (fp32 on a T4). Returns the names of the moved modules.
     """
     names = family_of(model).text().per_layer_embeddings
-    main_device = next(model.parameters()).device
+    main_device = model.get_input_embeddings().weight.device  # where the rest of the model runs
     moved = []
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] not in names:
             continue
-        device, dtype = module.weight.device, module.weight.dtype
-        module.to(host, dtype=storage_dtype or dtype)
+        dtype = module.weight.dtype
+        if module.weight.device == torch.device(host):  # loaded there (load_base): a cast, in place on the host
+            module.to(dtype=storage_dtype or dtype)
+        else:
+            module.to(host, dtype=storage_dtype or dtype)
         module.register_forward_pre_hook(lambda _m, args: tuple(a.to(host) for a in args))
-        module.register_forward_hook(lambda _m, _args, out, d=device, t=dtype: out.to(device=d, dtype=t))
+        module.register_forward_hook(lambda _m, _args, out, d=main_device, t=dtype: out.to(device=d, dtype=t))
         moved.append(name)
     if moved:
         device_map = dict(getattr(model, "hf_device_map", None) or {"": str(main_device)})

@@ -18,7 +18,7 @@ from torch import nn
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora.errors import PersianQLoRAError
 from persian_qlora.families import turn_format_of
-from persian_qlora.loading import BaseLoading, default_bnb_config, load_base, resolve_dtype
+from persian_qlora.loading import BaseLoading, default_bnb_config, hub_kwargs, load_base, resolve_dtype
 from persian_qlora.tokens import indistinct_tokens
 
 __all__ = [
@@ -72,13 +72,14 @@ class LoraSettings:
             **extra,
         )
 
-    def turn_end_rows_to_train(self, model: nn.Module, base: str) -> list[int]:
-        """``[id of the turn end]`` when ``train_turn_end`` is on and the base's row is not distinct, else ``[]``."""
+    def turn_end_rows_to_train(self, model: nn.Module, base: str, **hub: Any) -> list[int]:
+        """``[id of the turn end]`` when ``train_turn_end`` is on and the base's row is not distinct, else ``[]``.
+        ``hub``: where the base's tokenizer is (``token``, ``revision``, ``cache_dir``...), as for its weights."""
         if not self.train_turn_end:
             return []
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base, **hub)
         end_of_turn = turn_format_of(tokenizer).end_of_turn
         turn_end = tokenizer.convert_tokens_to_ids(end_of_turn)
         if turn_end is None or turn_end == tokenizer.unk_token_id:
@@ -175,7 +176,7 @@ def _build(
         if isinstance(peft_config.target_modules, (list, set, tuple)):  # short names: keep them off the towers
             peft_config.target_modules = language_model_targets(model, sorted(peft_config.target_modules))
     else:
-        peft_config = lora.to_peft(model, lora.turn_end_rows_to_train(model, loading.base))
+        peft_config = lora.to_peft(model, lora.turn_end_rows_to_train(model, loading.base, **hub_kwargs(load_kwargs)))
     model = get_peft_model(model, peft_config)
     model.base_loading = loading  # saved beside the adapter by the trainer (base_loading.json)
     trainable, total = model.get_nb_trainable_parameters()

@@ -8,14 +8,26 @@ It uses the standard library only.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 from persian_qlora._deprecation import renamed_arguments
 
-__all__ = ["DEFAULT_NORMALIZER", "NormalizerConfig", "normalize_persian"]
+__all__ = [
+    "DEFAULT_NORMALIZER",
+    "NORMALIZATION_FILE",
+    "NormalizerConfig",
+    "normalize_persian",
+    "read_normalization",
+    "save_normalization",
+]
+
+# Beside an adapter: how its training text was normalised, so that inference normalises prompts the same way.
+NORMALIZATION_FILE = "text_normalization.json"
 
 ZWNJ = "\u200c"
 
@@ -85,6 +97,24 @@ class NormalizerConfig:
 
 
 DEFAULT_NORMALIZER = NormalizerConfig()
+
+
+def save_normalization(directory: str | Path, config: NormalizerConfig | None) -> Path:
+    """Record ``config`` (None: the text was not normalised) in ``directory``'s ``text_normalization.json``."""
+    path = Path(directory) / NORMALIZATION_FILE
+    path.write_text(json.dumps({"normalizer": None if config is None else asdict(config)}) + "\n", encoding="utf-8")
+    return path
+
+
+def read_normalization(
+    directory: str | Path, default: NormalizerConfig | None = DEFAULT_NORMALIZER
+) -> NormalizerConfig | None:
+    """The normalisation recorded in ``directory`` (None: none was applied), or ``default`` when none is recorded."""
+    path = Path(directory) / NORMALIZATION_FILE
+    if not path.exists():
+        return default
+    recorded = json.loads(path.read_text(encoding="utf-8"))["normalizer"]
+    return None if recorded is None else NormalizerConfig(**recorded)
 
 
 @renamed_arguments(config="normalize")

@@ -15,7 +15,15 @@ import torch
 
 from persian_qlora._files import atomic_write_text
 
-__all__ = ["behaviour_table_lines", "environment", "merge_table_lines", "table_lines", "verdict_lines", "write_report"]
+__all__ = [
+    "behaviour_table_lines",
+    "environment",
+    "merge_baselines",
+    "merge_table_lines",
+    "table_lines",
+    "verdict_lines",
+    "write_report",
+]
 
 _PACKAGES = ("persian-qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "sacrebleu")
 _LABELS = {"qlora": "QLoRA (NF4 base)", "lora": "LoRA (16-bit base)"}
@@ -95,18 +103,49 @@ def _evaluations(run: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return stages + [("merged", f"merged bf16 ({m['merge_base']} base)", m) for m in run.get("merged", [])]
 
 
+def merge_baselines(report: dict[str, Any], run: dict[str, Any], merged: dict[str, Any]) -> list[tuple[str, dict]]:
+    """The bases the report can hold a merged model against, the one it was merged into first: the 16-bit base
+    (LoRA's "before", or the one compare evaluated when LoRA did not run) for an original-base merge, the NF4 base
+    (QLoRA's "before") for an nf4 merge. Judging an original-base merge against the NF4 base would credit the merge
+    with removing NF4's error."""
+    lora = next((r["before"] for r in report["runs"] if r["method"] == "lora"), None)
+    bases = {"16-bit base": lora or run.get("base_16bit"), "NF4 base": None}
+    if run["method"] == "qlora":
+        bases["NF4 base"] = run["before"]
+    order = ("NF4 base", "16-bit base") if merged["merge_base"] == "nf4" else ("16-bit base", "NF4 base")
+    return [(name, bases[name]) for name in order if bases[name] is not None]
+
+
+def _headline(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """BLEU-4 and, when measured, perplexity from one evaluation to another."""
+    moves = [f"BLEU-4 {before['bleu']:.2f} → {after['bleu']:.2f}"]
+    if before.get("perplexity") is not None and after.get("perplexity") is not None:
+        moves.append(f"perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f}")
+    return ", ".join(moves)
+
+
 def verdict_lines(report: dict[str, Any]) -> list[str]:
-    """One verdict per run and per merged model against the run's base as loaded (see ``behaviour.verdict``),
-    and the training loss."""
+    """One verdict per run against its base as loaded and per merged model against the base it was merged into
+    (:func:`merge_baselines`; the delta against the other base too, where the report has both), see
+    ``behaviour.verdict``; and the training loss."""
     from persian_qlora.behaviour import verdict
 
+    reference_repetition = _reference_behaviour(report)["repetition"] if report["runs"] else None
     lines = []
     for run in report["runs"]:
         label = _LABELS.get(run["method"], run["method"])
         for stage, name, scores in _evaluations(run)[1:]:
-            judged = verdict(run["before"], scores)
-            what = label if stage == "after" else f"{label}, {name}"
-            lines.append(f"- **{what}: {judged.label}.** {judged.summary[0].upper()}{judged.summary[1:]}.")
+            if stage == "after":
+                judged = verdict(run["before"], scores, reference_repetition=reference_repetition)
+                lines.append(f"- **{label}: {judged.label}.** {judged.summary[0].upper()}{judged.summary[1:]}.")
+                continue
+            (base_name, base), *others = merge_baselines(report, run, scores)
+            judged = verdict(base, scores, reference_repetition=reference_repetition)
+            also = "".join(f" Against the {other}: {_headline(scores_, scores)}." for other, scores_ in others)
+            lines.append(
+                f"- **{label}, {name}: {judged.label}** against the {base_name} it was merged into. "
+                f"{judged.summary[0].upper()}{judged.summary[1:]}.{also}"
+            )
         figures = []
         log = run["train"].get("log", [])
         if len(log) >= 2:
@@ -321,12 +360,25 @@ _BEHAVIOUR_NOTE = (
 )
 
 
+def _prompt_note(runs: list[dict[str, Any]]) -> str:
+    """Whether the evaluation prompts were Persian-normalised before generation, as the training text was."""
+    if not runs or "prompt_normalization" not in runs[0]:
+        return "Whether the prompts were normalised was not recorded."
+    settings = runs[0]["prompt_normalization"]
+    if settings is None:
+        return "Prompts sent as written (not normalised)."
+    on = ", ".join(name for name, value in settings.items() if value)
+    return f"Prompts (user and system text) normalised as the training text ({on})."
+
+
 def _section(title: str, table: list[str], note: str) -> list[str]:
     return [f"## {title}", "", *table, "", note, ""] if table else []
 
 
 def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int = 3) -> Path:
     """Add the environment to ``report`` and write ``report.json``, ``report.md`` and the PNG charts."""
+    from persian_qlora.behaviour import STILL_LOOPING_MARGIN
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report.setdefault("environment", environment())
@@ -341,7 +393,7 @@ def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int
         f"Model: {config['model']}. Training data: `{config['train_data']}`; evaluation: `{config['test_data']}` "
         f"({first.get('n', 0)} conversations, the last model turn of each, greedy, at most "
         f"{config['max_new_tokens']} new tokens{_settings(config.get('generation'))}). "
-        f"Normalisation {'on' if first.get('normalized') else 'off'}.",
+        f"{_prompt_note(runs)} Scores computed after normalisation: {'on' if first.get('normalized') else 'off'}.",
         "",
         *table_lines(report),
         "",
@@ -355,9 +407,12 @@ def write_report(report: dict[str, Any], output_dir: str | Path, *, samples: int
         *verdict_lines(report),
         "",
         "Each verdict weighs the behaviour above with BLEU-4, ROUGE-L, chrF and perplexity against the run's base "
-        "as loaded (`persian_qlora.behaviour.verdict`): replies that newly loop, lose their diversity, stop ending "
-        "their turn, leave Persian or go empty are *degenerate* whatever the overlap scores do; otherwise each "
-        "metric that moved beyond a noise step counts as a gain or a loss.",
+        "as loaded, and a merged model's against the base it was merged into (the 16-bit base for the original "
+        "base, the NF4 base for nf4) (`persian_qlora.behaviour.verdict`): replies that newly loop, lose their "
+        "diversity, stop ending their turn, leave Persian or go empty are *degenerate* whatever the overlap scores "
+        "do; otherwise each metric that moved beyond a noise step counts as a gain or a loss, and gains with "
+        "replies that still repeat more than the references by "
+        f"{STILL_LOOPING_MARGIN:.0%} of their 4-grams are *learned, but still loops*, never *improved*.",
         "",
         "## Settings and signatures",
         "",

@@ -61,10 +61,10 @@ _BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 def _training_texts() -> Iterable[str]:
     from persian_qlora.dataset import bundled_corpus_path
 
-    for split in ("train", "test"):
-        for line in bundled_corpus_path(split).read_text(encoding="utf-8").splitlines():
-            for message in json.loads(line)["messages"]:
-                yield message["content"]
+    # The train split only: the test split scores the demo, so nothing built for it may have seen that text.
+    for line in bundled_corpus_path("train").read_text(encoding="utf-8").splitlines():
+        for message in json.loads(line)["messages"]:
+            yield message["content"]
     # A little English and code so that English text does not fall back to bytes at every letter.
     yield "The quick brown fox jumps over the lazy dog. Python, Git, SQL, HTTP and JSON are everyday tools."
     yield "def main():\n    print('hello world')\n    return 0\n"
@@ -73,7 +73,7 @@ def _training_texts() -> Iterable[str]:
 def build_tiny_tokenizer(
     vocab_size: int = 2048, save_dir: str | Path | None = None, *, turns: Literal["gemma3", "gemma4"] = "gemma3"
 ):
-    """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus.
+    """Train a Gemma-style byte-fallback BPE tokenizer on the bundled Persian corpus's train split.
 
     The result is a real ``GemmaTokenizer`` (the same normaliser, byte fallback and decoder as Gemma's), carrying
     the special tokens and the exact official chat template of ``turns``' generation (Gemma 3 and 3n, or Gemma 4),
@@ -310,7 +310,8 @@ def build_tiny_gemma(
     and chat template. Weights depend only on ``seed``; the generation config stops on both ``<eos>`` and the turn
     end (``<end_of_turn>``, Gemma 4's ``<turn|>``), as Gemma's does.
     ``vocab_size`` is the model's vocabulary rows. The tokenizer learns that many tokens where the bundled corpus
-    allows (at most 8,517); rows beyond its tokens are never produced by it, as Gemma's unused rows are not
+    allows (at most 7,688, from the train split); rows beyond its tokens are never produced by it, as Gemma's unused
+    rows are not
     (``vocab_size=262_144`` gives Gemma's LM-head width). Below about 420 the tokenizer needs more tokens than
     asked for (its alphabet), and the model gets a row for each.
     ``config_overrides`` replace text-config fields (e.g. ``hidden_size=128, num_hidden_layers=4``); keep

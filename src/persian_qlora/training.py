@@ -29,7 +29,7 @@ from persian_qlora.loss import DEFAULT_CHUNK_SIZE, lean_model_loss
 from persian_qlora.masking import IGNORE_INDEX
 from persian_qlora.measure import PhaseMeter
 from persian_qlora.modeling import LoraSettings
-from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig
+from persian_qlora.normalize import DEFAULT_NORMALIZER, NormalizerConfig, save_normalization
 
 __all__ = [
     "RunConfig",
@@ -121,6 +121,7 @@ class TrainConfig:
             )
         values.update(self.extra)
         _check_report_to(values["report_to"])
+        _refuse_fp16(values)
         eval_steps = values.get("eval_steps")
         if (
             evaluate
@@ -149,6 +150,17 @@ def _check_report_to(report_to: str | list[str] | None) -> None:
                 f"report_to {name!r}: transformers finds no {name} package here; install it (e.g. pip install {name}) "
                 "or leave report_to at 'none'"
             )
+
+
+def _refuse_fp16(values: dict[str, Any]) -> None:
+    """Unsloth's T4 notebooks set ``fp16=True``; passed on, Gemma's activations overflow fp16 mid-run (inf/NaN)."""
+    chosen = [name for name in ("fp16", "fp16_full_eval") if values.get(name)]
+    if chosen:
+        raise ConfigError(
+            f"{' and '.join(chosen)}=True is refused for Gemma: its activations overflow fp16 (inf/NaN losses, as "
+            "seen on T4 GPUs). Remove it: on a T4 (no bf16 hardware) persian-qlora computes in fp32 with the weights "
+            "in 4-bit, and on a GPU with bf16 (A100, L4, H100) in bf16 (docs/training.md)"
+        )
 
 
 _NOT_TRAINING_ARGUMENTS = (
@@ -304,8 +316,13 @@ class _Trainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         loading = getattr(self.accelerator.unwrap_model(self.model), "base_loading", None)
-        if loading is not None and self.args.should_save:  # the writing rank only, as Trainer._save
+        if not self.args.should_save:  # the writing rank only, as Trainer._save
+            return
+        if loading is not None:
             loading.save(output_dir or self.args.output_dir)
+        data = getattr(self.train_dataset, "dataset", self.train_dataset)  # a random_split part: its whole set
+        if hasattr(data, "normalize"):
+            save_normalization(output_dir or self.args.output_dir, data.normalize)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation without ``compute_metrics`` asks for the loss alone: compute it lean. Trainer's own step asks
