@@ -143,13 +143,15 @@ def test_looping_that_gets_sharply_worse_is_degenerate():
     assert verdict(before, after).label == "degenerate"
     still_looping = verdict(before, {**after, "repetition": 0.6}, reference_repetition=0.001)
     assert still_looping.label == "learned, but still loops"  # BLEU rose, but the replies loop as much as before
-    assert "replies still loop (60% of their 4-grams repeat; the references' 0%)" in still_looping.summary
+    assert "still: replies loop on a word or short phrase (60% of their 4-grams are repeats)" in still_looping.summary
+    assert "replies still loop" not in still_looping.summary  # said once
 
 
 def test_gains_with_repetition_beyond_the_references_are_never_improved():
     before = {**HEALTHY, "repetition": 0.3}  # below LOOPING, yet far above the references
     after = {**before, "bleu": 3.0}
     assert verdict(before, after).label == "learned, but still loops"
+    assert "replies still loop (30% of their 4-grams repeat; the references' 0%)" in verdict(before, after).summary
     assert verdict(before, after, reference_repetition=0.25).label == "improved"
 
 
