@@ -484,24 +484,30 @@ PROBE_TURN = [{"role": "user", "content": "سلام! حالت چطور است؟"
 @pytest.fixture(scope="module")
 def ends_turns(checkpoint, tmp_path_factory):
     """The tiny checkpoint with its (tied) <end_of_turn> row made to win a greedy step after the first few, so that
-    greedy replies end their turn after a few tokens, as a fine-tuned model's do: the row is orthogonal to the LM
-    head's inputs at the first three steps and long enough to beat every other logit at the fourth in fp32 (bf16
-    storage may move the win a step later)."""
+    greedy replies end their turn after a few tokens, as a fine-tuned model's do. The row is orthogonal to the LM
+    head's inputs at the earlier steps and long enough to beat every other logit at the chosen one; stored in bf16
+    it can win a step early, so the first chosen step (4th, 5th...) whose bf16 row ends the reply after the third
+    token is kept. The row changes nothing before it wins: <end_of_turn> is never an input there."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     ids = tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    head, captured = model.get_output_embeddings(), {}
+    head, end_of_turn, start = model.get_output_embeddings(), tokenizer.convert_tokens_to_ids("<end_of_turn>"), 0
+    captured = {}
     with torch.no_grad():
-        three = model.generate(**ids, max_new_tokens=3, do_sample=False)
-        hook = head.register_forward_hook(lambda module, args, out: captured.update(inputs=args[0][0, -4:]))
-        model(input_ids=three)  # the head's inputs where the first four new tokens are chosen
+        greedy = model.generate(**ids, max_new_tokens=10, do_sample=False)
+        hook = head.register_forward_hook(lambda module, args, out: captured.update(inputs=args[0][0]))
+        model(input_ids=greedy)  # the head's inputs at every position
         hook.remove()
-        earlier, fourth = captured["inputs"][:3], captured["inputs"][3]
-        basis, _ = torch.linalg.qr(earlier.T)
-        away = fourth - basis @ (basis.T @ fourth)
-        head.weight[tokenizer.convert_tokens_to_ids("<end_of_turn>")] = (
-            away * ((head.weight @ fourth).max() + 1.0) / away.dot(fourth)
-        )
+        start = ids["input_ids"].shape[1] - 1  # where the first new token is chosen
+        for step in range(4, 10):
+            earlier, chosen = captured["inputs"][start : start + step - 1], captured["inputs"][start + step - 1]
+            basis, _ = torch.linalg.qr(earlier.T)
+            away = chosen - basis @ (basis.T @ chosen)
+            row = away * ((head.weight @ chosen).max() + 1.0) / away.dot(chosen)
+            head.weight[end_of_turn] = row.bfloat16().float()
+            reply = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn)[0, start + 1 :]
+            if reply[-1] == end_of_turn and len(reply) > 3:
+                break
     directory = tmp_path_factory.mktemp("ends-turns")
     model.to(torch.bfloat16).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -519,10 +525,13 @@ def test_llama_cpp_ends_a_greedy_reply_on_end_of_turn_where_transformers_does(en
         new = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn)
     reply = new[0, len(prompt) :].tolist()
     assert reply[-1] == end_of_turn and 3 < len(reply) < 12  # transformers stops on it, after a few tokens
+    # Teacher-forced on transformers' reply, since a random tiny model's near-tied logits may part the two greedy
+    # paths earlier: llama.cpp chooses <end_of_turn> where transformers does, and its generation ends there (the
+    # file marks it as an end-of-generation token), adding nothing.
     llm = _llama(result.path)
-    completion = llm.create_completion(prompt, max_tokens=12, temperature=0.0, top_k=1)["choices"][0]
-    assert completion["finish_reason"] == "stop"
-    assert llm.tokenize(completion["text"].encode(), add_bos=False, special=True) == reply[:-1]
+    assert int(_llama_logits(llm, prompt + reply[:-1])[-1].argmax()) == end_of_turn
+    completion = llm.create_completion(prompt + reply[:-1], max_tokens=4, temperature=0.0, top_k=1)["choices"][0]
+    assert completion["finish_reason"] == "stop" and completion["text"] == ""
 
 
 def test_the_export_streams_a_block_of_rows_at_a_time(checkpoint, tmp_path, monkeypatch):
