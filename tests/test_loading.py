@@ -220,14 +220,15 @@ def test_an_unknown_family_is_refused_by_name():
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["16-bit", "nf4"])
-def test_per_layer_embeddings_are_loaded_onto_the_host_and_nothing_else_is(tiny_gemma3n_path, quantized):
+@pytest.mark.parametrize("fixture", ["tiny_gemma3n_path", "tiny_gemma4_path"])
+def test_per_layer_embeddings_are_loaded_onto_the_host_and_nothing_else_is(request, fixture, quantized):
     """The meta device stands in for the accelerator: every parameter found on the host was put there by the load
     itself (a table loaded onto the accelerator and moved afterwards could not be: a meta tensor holds no data)."""
     from persian_qlora.loading import default_bnb_config
 
     bnb_config = default_bnb_config() if quantized else None
     model, record = load_base(
-        tiny_gemma3n_path,
+        request.getfixturevalue(fixture),
         per_layer_embeddings_on_host=True,
         device_map={"": "meta"},
         quantization_config=bnb_config,
