@@ -429,8 +429,8 @@ PROBE_TEXTS = [*PERSIAN_TEXTS, "ي و ك عربی، ۰۱۲۳۴۵۶۷۸۹ و 0123
 
 def _llama(path):
     """The file loaded in llama.cpp on the CPU, with its plain kernels: llama-cpp-python 0.3.36's Intel AMX kernel
-    (an "extra buffer type", on Sapphire Rapids and later) crashes on the tiny model's Q8_0 matmuls, also on a file
-    quantised by llama.cpp's own llama_model_quantize; the plain kernels run the same file."""
+    (an "extra buffer type", on Sapphire Rapids and later) crashes on Q8_0 Gemma files, the tiny model's and the real
+    270M's, also on files quantised by llama.cpp's own llama_model_quantize; the plain kernels run the same files."""
     llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
     defaults = llama_cpp.llama_cpp.llama_model_default_params
 
@@ -789,3 +789,36 @@ def test_the_modelfile_template_renders_what_gemmas_chat_template_renders(checkp
     template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     go = _GoTemplate(template).render({"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
     assert tokenizer.bos_token + go == jinja
+
+
+@pytest.mark.real_model
+@pytest.mark.llama
+def test_the_real_gemma3_270m_runs_in_llama_cpp_as_the_checkpoint(gemma3_270m_path, tmp_path):
+    """The real Gemma 3 270M's export in llama.cpp: the tokenizer's ids on Persian text, and the checkpoint's logits
+    (transformers, fp32) and perplexity over every token of four bundled test conversations."""
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_270m_path)
+    original = AutoModelForCausalLM.from_pretrained(gemma3_270m_path, dtype=torch.float32)
+    conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:4]
+    # Measured (2026-12-04): largest |logit| 97.46; bf16 error 0.57 (5.9e-3 of it), perplexity 83.202 -> 83.211;
+    # q8_0 error 5.35 (5.5e-2, at one position), perplexity 83.202 -> 83.640 (+0.53 %).
+    for quantization, share in (("bf16", 1e-2), ("q8_0", 0.1)):
+        exported = export_gguf(gemma3_270m_path, tmp_path / f"270m.{quantization}.gguf", quantization=quantization)
+        llm = _llama(exported.path)
+        for text in PROBE_TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
+        largest, error, nll = 0.0, 0.0, {"checkpoint": [], "llama.cpp": []}
+        for conversation in conversations:
+            encoded = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
+            ids = encoded["input_ids"]
+            with torch.no_grad():
+                expected = original(input_ids=ids).logits[0]
+            got = _llama_logits(llm, ids[0].tolist())
+            largest = max(largest, float(expected.abs().max()))
+            error = max(error, float((expected - got).abs().max()))
+            targets = ids[0, 1:]
+            for name, logits in (("checkpoint", expected), ("llama.cpp", got)):
+                nll[name].append(torch.nn.functional.cross_entropy(logits[:-1], targets))
+        perplexities = {name: math.exp(float(torch.stack(values).mean())) for name, values in nll.items()}
+        print(f"{quantization}: largest |logit| {largest:.2f}, error {error:.3f}; perplexity {perplexities}")
+        assert error <= share * largest
+        assert abs(perplexities["llama.cpp"] - perplexities["checkpoint"]) <= 0.01 * perplexities["checkpoint"]
