@@ -52,7 +52,7 @@ $(VENV)/.llama-installed: $(VENV)/.installed
 	touch $@
 
 test-llama: $(VENV)/.llama-installed
-	$(BIN)/python -m pytest -m llama
+	$(BIN)/python -m pytest -m "llama and not real_model"
 
 # The tests marked `multimodal` (the tiny Gemma 3n multimodal checkpoint, whose vision tower is a timm model).
 test-multimodal: $(MULTIMODAL_VENV)/.installed
