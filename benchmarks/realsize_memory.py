@@ -1,6 +1,6 @@
 """What Gemma checkpoints hold on the accelerator under QLoRA, counted from their published configs.
 
-Part 0 (always) is the table of docs/models.md: every Gemma 3, Gemma 3n and Gemma 4 E2B/E4B checkpoint, its language
+Part 0 (always) is the table of docs/models.md: every Gemma 3, Gemma 3n and Gemma 4 E2B/E4B/31B checkpoint, its language
 model built on the meta device from its published text configuration (what a text-only load builds, so no timm),
 and the bytes its weights hold on the accelerator under persian-qlora's default QLoRA (text-only, NF4 + double
 quantisation, LoRA r=8, the per-layer embeddings of Gemma 3n and Gemma 4 E-models on the host). The parameter count
@@ -134,6 +134,7 @@ CHECKPOINTS = {
     "Gemma 3n E4B": ("google/gemma-3n-E4B-it", "gemma3n"),
     "Gemma 4 E2B": ("google/gemma-4-E2B-it", "gemma4"),
     "Gemma 4 E4B": ("google/gemma-4-E4B-it", "gemma4"),
+    "Gemma 4 31B": ("google/gemma-4-31B-it", "gemma4"),
 }
 
 
@@ -202,7 +203,30 @@ GEMMA4_E4B_TEXT = dict(
     final_logit_softcapping=30.0,
 )
 
-GEMMA4_TEXT = {"Gemma 4 E2B": GEMMA4_E2B_TEXT, "Gemma 4 E4B": GEMMA4_E4B_TEXT}
+# Gemma 4 31B's language model, from google/gemma-4-31B-it's config.json as several independent projects quote it
+# (the hub is out of reach here): 60 layers, width 5376, feed-forward 21504, 32 query heads, 16 KV heads of 256 in the
+# sliding layers and 4 of 512 in the global ones, whose keys double as values (attention_k_eq_v), 5 sliding then 1
+# global, window 1024, no per-layer embeddings, no KV sharing, a tied head, soft-cap 30. Built on the meta device it
+# has 30,697,345,280 parameters, the 30.7 B Google's model card gives for the 31B.
+GEMMA4_31B_TEXT = dict(
+    hidden_size=5376,
+    intermediate_size=21504,
+    num_hidden_layers=60,
+    num_attention_heads=32,
+    num_key_value_heads=16,
+    num_global_key_value_heads=4,
+    head_dim=256,
+    global_head_dim=512,
+    attention_k_eq_v=True,
+    num_kv_shared_layers=0,
+    sliding_window=1024,
+    layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(60)],
+    hidden_size_per_layer_input=0,
+    max_position_embeddings=262_144,
+    final_logit_softcapping=30.0,
+)
+
+GEMMA4_TEXT = {"Gemma 4 E2B": GEMMA4_E2B_TEXT, "Gemma 4 E4B": GEMMA4_E4B_TEXT, "Gemma 4 31B": GEMMA4_31B_TEXT}
 
 
 def gemma4_config(text: dict):
