@@ -17,7 +17,8 @@ Sides:
 
 Memory: the process's peak resident set size during the export, from the kernel's high-water mark (VmHWM, reset
 through /proc/self/clear_refs just before the export starts), reported above the process's RSS just before the
-export (after every import). Time: until the file is on disk (os.sync() inside the timed region).
+export (after every import). Time: until the file is on disk (os.sync() inside the timed region), wall and CPU
+(user + system, all threads of the process; less sensitive to other jobs on the machine than the wall time).
 
     python benchmarks/export_memory.py --workdir /tmp/export-bench                      # 1B, both sides, bf16 + q8_0
     python benchmarks/export_memory.py --layers 2 4 8 --sides streaming --quantizations bf16
@@ -90,12 +91,16 @@ def child(side: str, base: str, output: str, quantization: str, old_module: str)
 
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = export_gguf(base, output, quantization=quantization)
     os.sync()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     size = result.path.stat().st_size
-    print(json.dumps({"rss_before": before, "peak": _status("VmHWM"), "seconds": seconds, "bytes": size}))
+    print(
+        json.dumps(
+            {"rss_before": before, "peak": _status("VmHWM"), "seconds": seconds, "cpu": cpu_seconds, "bytes": size}
+        )
+    )
 
 
 def run_side(side: str, base: Path, output: Path, quantization: str, old_module: Path) -> dict:
@@ -141,7 +146,8 @@ def main() -> None:
                 above = (result["peak"] - result["rss_before"]) / gb
                 print(
                     f"  {quantization:5} {side:9} peak RSS {result['peak'] / gb:6.2f} GB, {above:6.2f} GB above the "
-                    f"{result['rss_before'] / gb:.2f} GB before the export, {result['seconds']:7.1f} s, "
+                    f"{result['rss_before'] / gb:.2f} GB before the export, {result['seconds']:7.1f} s "
+                    f"({result['cpu']:.1f} s of CPU), "
                     f"file {result['bytes'] / gb:.2f} GB",
                     flush=True,
                 )
