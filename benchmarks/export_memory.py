@@ -5,9 +5,13 @@ Models (random bf16 weights at published dimensions, written as merge_memory.py 
   gemma3-1b   Gemma 3 1B: hidden 1152, 26 layers, intermediate 6912, 4 heads / 1 KV head, head_dim 256, one
               ~2 GB model.safetensors; with --layers, the same widths cut to that many layers (is the streaming
               peak the same at every depth?).
+  gemma3n-e4b Gemma 3n E4B's language model (transformers' Gemma3nTextConfig defaults are google/gemma-3n-E4B-it's)
+              cut to --layers layers, text-only. llama.cpp fixes E4B's structure (KV sharing from layer 20, so at
+              least 21 layers), and the export refuses a cut model as llama.cpp would run it differently; for this
+              memory benchmark alone the child replaces the gemma3n entry's structure check by one that finds
+              nothing, so the export writes the cut model as it would write the whole one. Streaming side only.
 The tokenizer is the test kit's, grown to Gemma's 262,144 tokens (testing.complete_merges), so that the embedding is
-written whole at its real size (the export cuts the embedding to the tokenizer's rows). Gemma 3n is not measured:
-the export refuses it.
+written whole at its real size (the export cuts the embedding to the tokenizer's rows).
 
 Sides:
   streaming   persian_qlora.export_gguf (this version).
@@ -22,6 +26,7 @@ export (after every import). Time: until the file is on disk (os.sync() inside t
 
     python benchmarks/export_memory.py --workdir /tmp/export-bench                      # 1B, both sides, bf16 + q8_0
     python benchmarks/export_memory.py --layers 2 4 8 --sides streaming --quantizations bf16
+    python benchmarks/export_memory.py --model gemma3n-e4b --layers 2 4 8 --sides streaming --quantizations bf16
 
 Run it with a CPU-only torch. Big files go under --workdir (about 2 GB per base, 2 GB per output, removed after each
 side; the bases are removed at the end unless --keep).
@@ -48,12 +53,26 @@ OLD_COMMIT = "d3972ed"  # a commit on main with the in-memory export (the one me
 VOCABULARY = 262_144
 
 
-def build_base(layers: int | None, directory: Path) -> Path:
-    from transformers import Gemma3TextConfig
+MODELS = ("gemma3-1b", "gemma3n-e4b")
+
+
+def build_base(model: str, layers: int | None, directory: Path) -> Path:
+    from transformers import Gemma3nTextConfig, Gemma3TextConfig
 
     from persian_qlora.testing import complete_merges
 
-    config = Gemma3TextConfig(**dict(GEMMA3_1B, num_hidden_layers=layers or 26), dtype="bfloat16")
+    if model == "gemma3n-e4b":
+        e4b = Gemma3nTextConfig()
+        layers = layers or e4b.num_hidden_layers
+        config = Gemma3nTextConfig(
+            num_hidden_layers=layers,
+            layer_types=e4b.layer_types[:layers],
+            activation_sparsity_pattern=list(e4b.activation_sparsity_pattern)[:layers],
+            num_kv_shared_layers=max(0, layers - 20),  # E4B: layers 20 onwards share
+            dtype="bfloat16",
+        )
+    else:
+        config = Gemma3TextConfig(**dict(GEMMA3_1B, num_hidden_layers=layers or 26), dtype="bfloat16")
     write_checkpoint(config, directory)
     return complete_merges(directory, VOCABULARY)
 
@@ -75,12 +94,20 @@ def old_export_module(workdir: Path, commit: str) -> Path:
 
 def child(side: str, base: str, output: str, quantization: str, old_module: str) -> None:
     """One side, in this fresh process: every import first, then the measured export."""
+    import dataclasses
+
     import gguf  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
     if side == "streaming":
+        from persian_qlora import export
         from persian_qlora.export import export_gguf
+
+        if json.loads((Path(base) / "config.json").read_text())["model_type"] == "gemma3n_text":
+            # A cut E4B is not the structure llama.cpp fixes: measure its export as the whole one's (see the docstring).
+            gemma3n = export._ARCHITECTURES["gemma3n"]
+            export._ARCHITECTURES["gemma3n"] = dataclasses.replace(gemma3n, problems=lambda config: [])
     else:
         spec = importlib.util.spec_from_file_location("old_export", old_module)
         module = importlib.util.module_from_spec(spec)
@@ -115,7 +142,8 @@ def run_side(side: str, base: Path, output: Path, quantization: str, old_module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, nargs="+", default=[None], help="depths to cut Gemma 3 1B to")
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[None], help="depths to cut the model to")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--quantizations", nargs="+", choices=QUANTIZATIONS, default=list(QUANTIZATIONS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/export-memory-bench"))
@@ -131,10 +159,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     old_module = old_export_module(args.workdir, args.old_commit)
     for layers in args.layers:
-        label = f"gemma3-1b ({layers or 26} layers)"
-        base = args.workdir / f"gemma3-1b-{layers or 'all'}" / "base"
+        label = f"{args.model} ({layers or 'all'} layers)"
+        base = args.workdir / f"{args.model}-{layers or 'all'}" / "base"
         if not (base / "config.json").exists():
-            build_base(layers, base)
+            build_base(args.model, layers, base)
         size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / gb
         print(f"{label}: checkpoint {size:.2f} GB", flush=True)
         for quantization in args.quantizations:
