@@ -16,17 +16,20 @@ soft-cap. What is stored differently from the checkpoint:
 What llama.cpp fixes instead of reading, and so refuses here where a checkpoint differs (:func:`problems`): a query
 scale of 1 (transformers' Gemma 4 has it fixed too), tanh-approximated GELU, no attention biases, causal text
 attention, the KV-shared layers reading the cache of the layer two before the first shared one (sliding) or one
-before it (full), one head size per layer type, unscaled RoPE. The mixture-of-experts variant (26B-A4B) is refused.
+before it (full), one head size per layer type, unscaled RoPE. The export refuses the mixture-of-experts variant
+(26B-A4B) before it gets here.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from persian_qlora._gguf_plan import Architecture, Generated, Source, Vocabulary, import_gguf
 from persian_qlora.errors import PersianQLoRAError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -37,6 +40,7 @@ _STILL = 1e30
 _PRINTED_CONTROL = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>")
 _PRINTED_CONTROL += ('<|"|>',)
 _CONTROL, _USER_DEFINED, _BYTE, _NORMAL = 3, 4, 6, 1  # gguf.TokenType
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _NO_SCORE = -1000.0  # llama.cpp's BPE reads no score; its converter writes this one for every Gemma 4 token
 
 
@@ -65,7 +69,9 @@ def _feed_forward_widths(config) -> list[int]:
     """Each layer's MLP width: twice ``intermediate_size`` in the KV-shared layers of a double-wide model."""
     first_shared = config.num_hidden_layers - config.num_kv_shared_layers
     double = getattr(config, "use_double_wide_mlp", False)
-    return [config.intermediate_size * (2 if double and i >= first_shared else 1) for i in range(config.num_hidden_layers)]
+    return [
+        config.intermediate_size * (2 if double and i >= first_shared else 1) for i in range(config.num_hidden_layers)
+    ]
 
 
 def _one_or_each(values: Sequence[int]) -> int | list[int]:
@@ -76,11 +82,6 @@ def problems(config) -> list[str]:
     """Where llama.cpp would run this Gemma 4 language model differently from transformers, each naming the part;
     empty when it runs it as transformers does."""
     found = []
-    if getattr(config, "enable_moe_block", False):
-        found.append(
-            "the mixture of experts (the 26B-A4B's structure): persian-qlora does not fine-tune it (its 3-D expert "
-            "weights are neither 4-bit quantised nor adapted) and has not checked its experts in llama.cpp"
-        )
     kinds = set(config.layer_types)
     if not kinds <= {SLIDING, FULL}:
         found.append(f"layer types {sorted(kinds - {SLIDING, FULL})} (llama.cpp has sliding and full layers only)")
@@ -131,10 +132,16 @@ def rope_divisors(config) -> torch.Tensor:
     return torch.tensor([1.0] * turned + [_STILL] * (head // 2 - turned), dtype=torch.float32)
 
 
-def gguf_tensor_name(hf_name: str) -> str:
-    """The name gguf's ``GEMMA4`` map knows: ``layer_scalar`` is a buffer without ``.weight``, which llama.cpp's
-    converter adds, as llama.cpp names every stored tensor ``*.weight``."""
-    return f"{hf_name}.weight" if hf_name.endswith(".layer_scalar") else hf_name
+def sources(tensors: dict[str, Source], config, vocabulary_size: int) -> dict[str, Source]:
+    """The checkpoint's tensors under the names gguf's ``GEMMA4`` map knows, and the full layers' ``rope_freqs``
+    (:func:`rope_divisors`). ``layer_scalar`` is a buffer without ``.weight``, which llama.cpp's converter adds, as
+    llama.cpp names every stored tensor ``*.weight``."""
+    gguf = import_gguf()
+    divisors = rope_divisors(config)
+    rope_freqs = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight"
+    generated = Generated(tuple(divisors.shape), lambda rows: divisors[rows], "the full layers' RoPE divisors")
+    renamed = {f"{name}.weight" if name.endswith(".layer_scalar") else name: t for name, t in tensors.items()}
+    return {rope_freqs: generated, **renamed}
 
 
 def write_keys(writer, config) -> None:
@@ -177,8 +184,8 @@ def _check_llama_cpp_splits_like_transformers(tokenizer_json: dict[str, Any], no
     reasons = []
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         reasons.append(f"it is a {model.get('type')} model without Gemma's byte fallback")
-    if normalized_space != "▁":
-        reasons.append(f"it writes a space as {normalized_space!r}, not '▁'")
+    if normalized_space != "'▁'":
+        reasons.append(f"it writes a space as {normalized_space}, not as '▁' alone")
     for left, right in (tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model.get("merges", [])):
         both = left + right
         if " " in both or ("\n" in both and set(both) != {"\n"}):
@@ -191,16 +198,17 @@ def _check_llama_cpp_splits_like_transformers(tokenizer_json: dict[str, Any], no
         )
 
 
-def vocabulary(tokenizer) -> tuple[list[str], list[float], list[int], list[str]]:
+def vocabulary(tokenizer) -> Vocabulary:
     """Tokens, scores, types and merges as llama.cpp's converter writes Gemma 4's: the pieces as the tokenizer has
     them, special tokens CONTROL (the thinking and tool markers USER_DEFINED, so llama.cpp prints them), other
-    added tokens USER_DEFINED, ``<0xXX>`` BYTE, the rest NORMAL; the merges in rank order."""
+    added tokens USER_DEFINED, ``<0xXX>`` BYTE, the rest NORMAL; the merges in rank order. llama.cpp adds ``<bos>``
+    to every Gemma 4 prompt whatever the file says (``add_bos_token`` is overridden with a warning), so the file
+    says so, as the converter's does."""
     backend = tokenizer.backend_tokenizer
     tokenizer_json = json.loads(backend.to_str())
-    space = backend.normalizer.normalize_str(" ") if backend.normalizer is not None else " "
-    pieces = backend.pre_tokenizer.pre_tokenize_str("a▁b.c") if backend.pre_tokenizer is not None else [("", ())]
-    if len(pieces) != 1:
-        space = f"a cut into {len(pieces)} pieces"  # a word-splitting pre-tokenizer: merges never cross words
+    space = repr(backend.normalizer.normalize_str(" ") if backend.normalizer is not None else " ")
+    if backend.pre_tokenizer is not None and len(backend.pre_tokenizer.pre_tokenize_str("a▁b.c")) != 1:
+        space = "'▁' and then cuts the text at it"  # a word-splitting pre-tokenizer: merges never cross words
     _check_llama_cpp_splits_like_transformers(tokenizer_json, space)
     added, special = tokenizer.added_tokens_decoder, set(tokenizer.all_special_ids)
     tokens, types = [], []
@@ -211,11 +219,20 @@ def vocabulary(tokenizer) -> tuple[list[str], list[float], list[int], list[str]]
             token_type = _CONTROL
         elif index in added:
             token_type = _USER_DEFINED
-        elif piece.startswith("<0x") and len(piece) == 6 and piece.endswith(">"):
+        elif _BYTE_PIECE.fullmatch(piece):
             token_type = _BYTE
         else:
             token_type = _NORMAL
         tokens.append(piece)
         types.append(token_type)
     merges = [" ".join(m) if isinstance(m, list) else m for m in tokenizer_json["model"].get("merges", [])]
-    return tokens, [_NO_SCORE] * len(tokens), types, merges
+    return Vocabulary(tokens, [_NO_SCORE] * len(tokens), types, model="gemma4", pre=None, merges=merges, adds_bos=True)
+
+
+GEMMA4 = Architecture(
+    gguf_arch="GEMMA4",
+    problems=problems,
+    write_keys=write_keys,
+    vocabulary=vocabulary,
+    sources=sources,
+)

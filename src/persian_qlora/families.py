@@ -176,7 +176,8 @@ class GemmaFamily:
     # does not quantise and LoRA cannot adapt: a 4-bit load would be silently half-quantised, so it is refused.
     experts: tuple[str, ...] = ()
     # llama.cpp's name for the language model, for GGUF export; None where the export is not offered (Gemma 3n:
-    # transformers cannot read a gemma3n GGUF back, so an export could not be checked; docs/export.md)
+    # transformers cannot read a gemma3n GGUF back, so an export could not be checked; docs/export.md). Gemma 4's
+    # mixture of experts is refused by the export's own checks.
     gguf_architecture: str | None = None
 
     @property
@@ -257,6 +258,7 @@ FAMILIES: dict[str, GemmaFamily] = {
             per_layer_embeddings=("embed_tokens_per_layer",),
             turns=GEMMA4_TURNS,
             experts=("experts",),
+            gguf_architecture="gemma4",
         ),
         GemmaFamily(
             model_type="gemma4",
@@ -267,6 +269,7 @@ FAMILIES: dict[str, GemmaFamily] = {
             per_layer_embeddings=("embed_tokens_per_layer",),
             turns=GEMMA4_TURNS,
             experts=("experts",),
+            gguf_architecture="gemma4",
         ),
     )
 }
