@@ -119,6 +119,8 @@ def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
     assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<turn|>")
     assert fields["tokenizer.ggml.add_bos_token"] is True  # llama.cpp adds <bos> to every Gemma 4 prompt
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    modelfile = exported["q8_0"].modelfile.read_text(encoding="utf-8")  # Gemma 4's turns for Ollama
+    assert 'PARAMETER stop "<turn|>"' in modelfile.splitlines() and "<|turn>model\n" in modelfile
     types = fields["tokenizer.ggml.token_type"]
     kind = {token: types[tokenizer.convert_tokens_to_ids(token)] for token in ("<|turn>", "<|channel>", "<0xE2>")}
     assert kind == {"<|turn>": gguf.TokenType.CONTROL, "<|channel>": gguf.TokenType.USER_DEFINED, "<0xE2>": 6}
