@@ -2,8 +2,10 @@
 is refused and why, and (the ``llama`` marker) the file inside llama.cpp against transformers: token ids on Persian
 text, logits per quantisation, the turn end, the multimodal checkpoint's language model."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,11 +24,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import persian_qlora.export as export_module
 from persian_qlora import PersianChatDataset, PersianQLoRAError
+from persian_qlora._gguf_gemma4 import FULL, SLIDING
 from persian_qlora.export import export_gguf
 from persian_qlora.families import FAMILIES, GEMMA4_TURNS
 from persian_qlora.testing import build_hub_checkpoint, build_tiny_gemma
 
 gguf = pytest.importorskip("gguf")
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 # Bounds on llama.cpp's error as a share of the checkpoint's largest |logit| over eight bundled test conversations
 # (transformers in fp32). Measured on the tiny Gemma 4 below (largest |logit| 0.835; AMD EPYC, llama-cpp-python
@@ -149,6 +154,52 @@ def test_a_multimodal_gemma4_exports_its_language_model(multimodal, tmp_path):
     assert _fields(result.path)["general.architecture"] == "gemma4"
 
 
+def test_the_real_gemma4_structures_are_what_llama_cpp_runs():
+    """E2B, E4B and 31B as benchmarks/realsize_memory.py builds them from their published configs: llama.cpp reads
+    every part of them as transformers runs it (none is refused)."""
+    from transformers import Gemma4TextConfig
+
+    from persian_qlora._gguf_gemma4 import problems
+
+    spec = importlib.util.spec_from_file_location("realsize_memory", BENCHMARKS / "realsize_memory.py")
+    realsize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(realsize)
+    assert {name: problems(Gemma4TextConfig(**text)) for name, text in realsize.GEMMA4_TEXT.items()} == {
+        "Gemma 4 E2B": [],
+        "Gemma 4 E4B": [],
+        "Gemma 4 31B": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def other_structure(tmp_path_factory):
+    """Gemma 4's other options, at toy size: six layers, the last three sharing keys and values, the KV-shared layers'
+    MLP twice as wide (use_double_wide_mlp, as E2B), the full layers' keys doubling as values with their own KV head
+    count (attention_k_eq_v, num_global_key_value_heads, as the 31B)."""
+    path = build_tiny_gemma(
+        tmp_path_factory.mktemp("gemma4-other"),
+        "gemma4",
+        dtype=torch.bfloat16,
+        num_hidden_layers=6,
+        layer_types=[SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL],
+        num_kv_shared_layers=3,
+        use_double_wide_mlp=True,
+        attention_k_eq_v=True,
+        num_global_key_value_heads=2,
+    )
+    return _vary_the_vectors(path)
+
+
+def test_per_layer_widths_and_head_counts_are_written_per_layer(other_structure, tmp_path):
+    result = export_gguf(other_structure, tmp_path / "other.gguf")
+    fields = _fields(result.path)
+    assert fields["gemma4.feed_forward_length"] == [128] * 3 + [256] * 3
+    assert fields["gemma4.attention.head_count_kv"] == [1, 1, 2, 1, 1, 2]
+    tensors = _tensors(result.path)
+    assert "blk.2.attn_v.weight" not in tensors and "blk.1.attn_v.weight" in tensors  # llama.cpp then uses K
+    assert tensors["blk.4.ffn_up.weight"].shape.tolist() == [64, 256]
+
+
 def test_without_a_soft_cap_the_file_turns_llama_cpps_off(tmp_path):
     """llama.cpp's Gemma 4 caps the logits at 30 unless the file says otherwise (llama-hparams.h): a model without a
     cap gets 0, which turns it off."""
@@ -254,6 +305,17 @@ def test_llama_cpp_runs_a_multimodal_checkpoints_language_model_as_transformers(
     conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:8]
     largest, error = _largest_error(llm, model, tokenizer, conversations)
     print(f"multimodal bf16: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
+    assert error <= LLAMA_LOGIT_SHARE["bf16"] * largest
+
+
+@pytest.mark.llama
+def test_llama_cpp_runs_the_other_structure_as_transformers(other_structure, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(other_structure)
+    llm = _llama(export_gguf(other_structure, tmp_path / "other.gguf").path)
+    model = AutoModelForCausalLM.from_pretrained(other_structure, dtype=torch.float32)
+    conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:8]
+    largest, error = _largest_error(llm, model, tokenizer, conversations)
+    print(f"other structure bf16: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
     assert error <= LLAMA_LOGIT_SHARE["bf16"] * largest
 
 
