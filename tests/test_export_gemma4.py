@@ -122,6 +122,7 @@ def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
     merges = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
     assert fields["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]  # llama.cpp's BPE merges by their rank
     assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<turn|>")
+    assert fields["tokenizer.ggml.mask_token_id"] == tokenizer.mask_token_id  # as llama.cpp's converter writes it
     assert fields["tokenizer.ggml.add_bos_token"] is True  # llama.cpp adds <bos> to every Gemma 4 prompt
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     modelfile = exported["q8_0"].modelfile.read_text(encoding="utf-8")  # Gemma 4's turns for Ollama

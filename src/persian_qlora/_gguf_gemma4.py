@@ -226,7 +226,9 @@ def vocabulary(tokenizer) -> Vocabulary:
         tokens.append(piece)
         types.append(token_type)
     merges = [" ".join(m) if isinstance(m, list) else m for m in tokenizer_json["model"].get("merges", [])]
-    return Vocabulary(tokens, [_NO_SCORE] * len(tokens), types, model="gemma4", pre=None, merges=merges, adds_bos=True)
+    scores = [_NO_SCORE] * len(tokens)
+    special_ids = ("bos", "eos", "unk", "pad", "mask")  # what the converter's SpecialVocab writes for Gemma 4
+    return Vocabulary(tokens, scores, types, "gemma4", None, merges, adds_bos=True, special=special_ids)
 
 
 GEMMA4 = Architecture(

@@ -75,7 +75,8 @@ def nbytes(planned: PlannedTensor) -> int:
 class Vocabulary:
     """The tokenizer as llama.cpp reads it: ``model`` is ``tokenizer.ggml.model`` (``"llama"``: SentencePiece pieces
     and scores; ``"gemma4"``: BPE with ``merges``), ``pre`` its pre-tokenizer key where it reads one. ``adds_bos``
-    is written as ``add_bos_token`` where llama.cpp fixes it; None writes what the tokenizer does."""
+    is written as ``add_bos_token`` where llama.cpp fixes it; None writes what the tokenizer does. ``special``: which of
+    the tokenizer's special ids are written (``bos`` writes ``tokenizer.ggml.bos_token_id``...)."""
 
     tokens: list[str]
     scores: list[float]
@@ -84,6 +85,7 @@ class Vocabulary:
     pre: str | None = "default"
     merges: list[str] = field(default_factory=list)
     adds_bos: bool | None = None
+    special: tuple[str, ...] = ("bos", "eos", "unk", "pad")  # the tokenizer's ids written, as the converter does
 
 
 @dataclass(frozen=True)

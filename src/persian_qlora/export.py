@@ -161,7 +161,7 @@ def _write_tokenizer(writer, tokenizer, vocabulary: Vocabulary, turns: TurnForma
     writer.add_token_types(vocabulary.types)
     if vocabulary.merges:
         writer.add_token_merges(vocabulary.merges)
-    for kind in ("bos", "eos", "unk", "pad"):
+    for kind in vocabulary.special:
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
