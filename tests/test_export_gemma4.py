@@ -4,6 +4,7 @@ text, logits per quantisation, the turn end, the multimodal checkpoint's languag
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -253,14 +254,29 @@ def test_a_model_llama_cpp_would_run_differently_is_refused(change, checkpoint, 
     assert not list(tmp_path.glob("x.*"))
 
 
-def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(checkpoint, tmp_path):
-    """llama.cpp cuts Gemma 4 text at newlines before merging; a merge across one would split differently."""
+# Tokenizer changes under which llama.cpp would split some text differently from transformers, and the reason named.
+DIFFERENT_SPLITS = {
+    # llama.cpp cuts Gemma 4 text at newlines before merging: a merge across one never happens there.
+    "a merge across a newline": ([("\n", "▁")], r"its merge '\n' + '▁' joins a newline"),
+    # llama.cpp takes a newline run the vocabulary holds whole; these merges cannot build three newlines from the
+    # left-first pair that transformers merges first.
+    "a newline run the merges cannot build": (
+        [("\n", "\n\n")],
+        r"its merges do not build the newline run '\n\n\n', which llama.cpp takes whole",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", DIFFERENT_SPLITS)
+def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(change, checkpoint, tmp_path):
     edited = shutil.copytree(checkpoint, tmp_path / "edited")
     data = json.loads((edited / "tokenizer.json").read_text(encoding="utf-8"))
-    data["model"]["vocab"]["\n▁"] = len(data["model"]["vocab"])
-    data["model"]["merges"].append(["\n", "▁"])
+    merges, reason = DIFFERENT_SPLITS[change]
+    for left, right in merges:
+        data["model"]["vocab"][left + right] = len(data["model"]["vocab"])
+        data["model"]["merges"].append([left, right])
     (edited / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(PersianQLoRAError, match="llama.cpp would split some text differently: its merge '\\\\n'"):
+    with pytest.raises(PersianQLoRAError, match=re.escape(f"llama.cpp would split some text differently: {reason}")):
         export_gguf(edited, tmp_path / "x.gguf")
 
 
