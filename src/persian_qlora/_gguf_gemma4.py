@@ -172,16 +172,21 @@ def write_keys(writer, config) -> None:
     writer.add_final_logit_softcapping(config.final_logit_softcapping or 0.0)
 
 
-def _check_llama_cpp_splits_like_transformers(tokenizer_json: dict[str, Any], normalized_space: str) -> None:
+def _check_llama_cpp_splits_like_transformers(backend, tokenizer_json: dict[str, Any], normalized_space: str) -> None:
     """Refuse a tokenizer that llama.cpp's Gemma 4 BPE would split differently from transformers.
 
-    llama.cpp replaces spaces with ``▁``, cuts the text at runs of newlines and applies the file's merges, best rank
-    first, to each piece. transformers applies the same merges to the whole normalised text. The two agree when
-    spaces become ``▁``, nothing else cuts the text, and no merge joins a newline to another character; a merge's
-    two halves must also hold no space, since llama.cpp reads ``"left right"`` back by its first space.
+    llama.cpp replaces spaces with ``▁``, cuts the text at runs of newlines, takes a run the vocabulary holds as one
+    token whole, and applies the file's merges, best rank first, to every other piece. transformers applies the same
+    merges to the whole normalised text. The two agree when spaces become ``▁``, nothing else cuts the text, no
+    merge joins a newline to another character, and the merges build every newline run the vocabulary holds; a
+    merge's two halves must also hold no space, since llama.cpp reads ``"left right"`` back by its first space.
     """
     model = tokenizer_json["model"]
     reasons = []
+    for piece in model.get("vocab", {}):
+        if piece and set(piece) == {"\n"} and len(backend.model.tokenize(piece)) != 1:
+            reasons.append(f"its merges do not build the newline run {piece!r}, which llama.cpp takes whole")
+            break
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         reasons.append(f"it is a {model.get('type')} model without Gemma's byte fallback")
     if normalized_space != "'▁'":
@@ -209,7 +214,7 @@ def vocabulary(tokenizer) -> Vocabulary:
     space = repr(backend.normalizer.normalize_str(" ") if backend.normalizer is not None else " ")
     if backend.pre_tokenizer is not None and len(backend.pre_tokenizer.pre_tokenize_str("a▁b.c")) != 1:
         space = "'▁' and then cuts the text at it"  # a word-splitting pre-tokenizer: merges never cross words
-    _check_llama_cpp_splits_like_transformers(tokenizer_json, space)
+    _check_llama_cpp_splits_like_transformers(backend, tokenizer_json, space)
     added, special = tokenizer.added_tokens_decoder, set(tokenizer.all_special_ids)
     tokens, types = [], []
     for index, piece in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer)))):
