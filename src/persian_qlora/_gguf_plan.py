@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -73,9 +73,19 @@ def nbytes(planned: PlannedTensor) -> int:
 
 @dataclass(frozen=True)
 class Vocabulary:
+    """The tokenizer as llama.cpp reads it: ``model`` is ``tokenizer.ggml.model`` (``"llama"``: SentencePiece pieces
+    and scores; ``"gemma4"``: BPE with ``merges``), ``pre`` its pre-tokenizer key where it reads one. ``adds_bos``
+    is written as ``add_bos_token`` where llama.cpp fixes it; None writes what the tokenizer does. ``special``: which of
+    the tokenizer's special ids are written (``bos`` writes ``tokenizer.ggml.bos_token_id``...)."""
+
     tokens: list[str]
     scores: list[float]
     types: list[int]
+    model: str = "llama"
+    pre: str | None = "default"
+    merges: list[str] = field(default_factory=list)
+    adds_bos: bool | None = None
+    special: tuple[str, ...] = ("bos", "eos", "unk", "pad")  # the tokenizer's ids written, as the converter does
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,7 @@ def plan_tensors(
                 f"no GGUF name for the {family.model_type} tensor {hf_name} in llama.cpp's {arch.name}"
             )
         shape = source.shape
-        if name in ("token_embd.weight", "output.weight"):
+        if name in ("token_embd.weight", "output.weight", "per_layer_token_embd.weight"):  # a row per token
             if shape[0] < vocabulary_size:
                 raise PersianQLoRAError(f"{hf_name} has {shape[0]} rows for {vocabulary_size} tokens")
             shape = (vocabulary_size, *shape[1:])  # rows past the tokenizer are never used; llama.cpp wants none

@@ -1,4 +1,4 @@
-"""`export_gguf`: a merged Gemma 3 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
+"""`export_gguf`: a merged Gemma 3 or 4 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
 
 The file is written with the ``gguf`` package (the llama.cpp project's own Python writer): its ``GEMMA3``
 architecture, its tensor-name map, its metadata heuristics and its numpy Q8_0 and Q4_0 quantisation. The export
@@ -16,9 +16,10 @@ read an official conversion:
 llama.cpp fixes some of Gemma 3's shape instead of reading it (every 6th layer global, local RoPE base 10000, query
 scale 1/sqrt(head_dim)); a checkpoint that differs is refused rather than written into a file that would run a
 different model. What is particular to an architecture (its keys, what llama.cpp would run differently, how its
-tensors are named and stored, its vocabulary) is one entry per llama.cpp architecture (``_gguf_gemma3.GEMMA3``),
-keyed by the family table's ``gguf_architecture``. Gemma 3n is refused: transformers cannot read a ``gemma3n``
-GGUF back, so the export could not be checked (see docs/export.md).
+tensors are named and stored, its vocabulary) is one entry per llama.cpp architecture, keyed by the family table's
+``gguf_architecture``: ``_gguf_gemma3.GEMMA3``, and ``_gguf_gemma4.GEMMA4`` (llama.cpp's ``gemma4``, which reads
+more of the model's structure from its keys and a BPE vocabulary with merges). Gemma 3n is refused: transformers
+cannot read a ``gemma3n`` GGUF back, so the export could not be checked (see docs/export.md).
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ import torch
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
 from persian_qlora._gguf_gemma3 import GEMMA3
+from persian_qlora._gguf_gemma4 import GEMMA4
 from persian_qlora._gguf_plan import Architecture, PlannedTensor, Vocabulary, import_gguf, nbytes, plan_tensors
 from persian_qlora._merge_plan import text_name
 from persian_qlora._shards import INDEX_FILE, SINGLE_FILE, StoredTensor, read_checkpoint, read_tensor
-from persian_qlora.chat_template import gemma3_chat_template
 from persian_qlora.errors import PersianQLoRAError
 from persian_qlora.families import FAMILIES, GEMMA3_TURNS, TurnFormat
 from persian_qlora.generation import REFERENCE_SAMPLING
@@ -62,7 +63,7 @@ _LLAMA_CPP_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q6_k")
 
 _CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
 # One entry per llama.cpp architecture, keyed by the family table's gguf_architecture.
-_ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3}
+_ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3, "gemma4": GEMMA4}
 
 
 @dataclass(frozen=True)
@@ -138,38 +139,41 @@ def _architecture_of(merged_dir: Path) -> Architecture:
     if family is None:
         raise PersianQLoRAError(
             f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 (model_type gemma3_text or "
-            "gemma3) only"
+            "gemma3) and Gemma 4 (gemma4_text or gemma4) only"
         )
     if family.gguf_architecture is None:
         raise PersianQLoRAError(
-            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 only: not Gemma 3n, because "
-            "transformers cannot read a gemma3n GGUF back to check the file, and not yet Gemma 4, whose export has "
-            "not been checked in llama.cpp (see docs/export.md). Use the merged checkpoint with transformers, or "
-            "convert it with llama.cpp's convert_hf_to_gguf.py"
+            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 and Gemma 4: not Gemma 3n, "
+            "because transformers cannot read a gemma3n GGUF back to check the file (see docs/export.md). Use the "
+            "merged checkpoint with transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
         )
     return _ARCHITECTURES[family.gguf_architecture]
 
 
-def _write_tokenizer(writer, tokenizer, vocabulary: Vocabulary) -> None:
+def _write_tokenizer(writer, tokenizer, vocabulary: Vocabulary, turns: TurnFormat) -> None:
     from persian_qlora.masking import GemmaTurnMarkers
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(vocabulary.model)
+    if vocabulary.pre is not None:
+        writer.add_tokenizer_pre(vocabulary.pre)
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_scores(vocabulary.scores)
     writer.add_token_types(vocabulary.types)
-    for kind in ("bos", "eos", "unk", "pad"):
+    if vocabulary.merges:
+        writer.add_token_merges(vocabulary.merges)
+    for kind in vocabulary.special:
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_eot_token_id(GemmaTurnMarkers.from_tokenizer(tokenizer).end_of_turn)
     plain, marked = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
     added = len(marked) - len(plain)  # what the tokenizer adds around a text on its own
-    writer.add_add_bos_token(added > 0 and marked[0] == tokenizer.bos_token_id)
+    adds_bos = added > 0 and marked[0] == tokenizer.bos_token_id
+    writer.add_add_bos_token(adds_bos if vocabulary.adds_bos is None else vocabulary.adds_bos)
     writer.add_add_eos_token(added > 0 and marked[-1] == tokenizer.eos_token_id)
     writer.add_add_sep_token(False)  # Gemma never separates a pair of texts
-    writer.add_add_space_prefix(False)  # Gemma 3 adds no leading space (convert_hf_to_gguf.py sets it so too)
-    writer.add_chat_template(tokenizer.chat_template or gemma3_chat_template())
+    writer.add_add_space_prefix(False)  # Gemma adds no leading space (convert_hf_to_gguf.py sets it so too)
+    writer.add_chat_template(tokenizer.chat_template or turns.chat_template())
 
 
 def _write_general(writer, merged_dir: Path, parameters: int, file_type: int) -> None:
@@ -222,10 +226,12 @@ def export_gguf(
     quantization: Quantization = "auto",
     overwrite: bool = False,
 ) -> GGUFExport:
-    """Write the Gemma 3 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
+    """Write the Gemma 3 or 4 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside
+    it.
 
-    ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 checkpoint in
-    safetensors (for a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"``
+    ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 or Gemma 4
+    checkpoint in safetensors (for a multimodal one, its language model; the towers are left out). A mixture-of-experts
+    Gemma 4 (26B-A4B) is refused. ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"``
     (8-bit, about half the size), ``"q4_0"`` (4-bit, about a quarter; the tied embedding, which is also the output
     matrix, stays Q8_0), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The k-quants
     (``q4_k_m``...) need llama.cpp's quantizer and are refused. Streams tensor by tensor: memory grows with a block
@@ -248,6 +254,16 @@ def export_gguf(
     architecture = _architecture_of(merged_dir)
     whole_config = AutoConfig.from_pretrained(merged_dir)
     config = whole_config.get_text_config()
+    family = FAMILIES[whole_config.model_type]
+    experts = family.expert_parameters(whole_config)
+    if experts:
+        raise PersianQLoRAError(
+            f"{merged_dir} is a mixture-of-experts {family.model_type} (the 26B-A4B's structure, {experts:,} expert "
+            "parameters), which GGUF export does not write: persian-qlora does not fine-tune it (bitsandbytes does "
+            "not quantise its 3-D expert weights and LoRA cannot adapt them) and has not checked its experts in "
+            "llama.cpp, so a file could run as a different model. Convert the original checkpoint with llama.cpp's "
+            "convert_hf_to_gguf.py, or fine-tune and export a dense Gemma 4 (E2B, E4B, 31B)"
+        )
     problems = architecture.problems(config)
     if problems:
         raise PersianQLoRAError(
@@ -261,7 +277,6 @@ def export_gguf(
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     vocabulary = architecture.vocabulary(tokenizer)
     stored = read_checkpoint(merged_dir)
-    family = FAMILIES[whole_config.model_type]
     tied = bool(getattr(whole_config, "tie_word_embeddings", True) and config.tie_word_embeddings)
     if quantization == "auto":  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto (fp32 -> bf16)
         embedding = next(t for name, t in stored.items() if text_name(family, name) == "model.embed_tokens.weight")
@@ -274,7 +289,7 @@ def export_gguf(
     parameters = sum(math.prod(p.shape) for p in plan)
     _write_general(writer, merged_dir, parameters, gguf.LlamaFileType[file_type])
     architecture.write_keys(writer, config)
-    _write_tokenizer(writer, tokenizer, vocabulary)
+    _write_tokenizer(writer, tokenizer, vocabulary, family.turns)
     for planned in plan:  # the shape as given: the raw type says how it is stored
         writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), nbytes(planned), planned.type)
 
@@ -289,7 +304,7 @@ def export_gguf(
                 writer.write_tensor_data(_StreamedTensor(planned))
         finally:
             writer.close()
-    atomic_write_text(modelfile, render_modelfile(output_file.name))
+    atomic_write_text(modelfile, render_modelfile(output_file.name, family.turns))
     logger.info("wrote %s (%s, %d tensors) and %s", output_file, quantization, len(plan), modelfile.name)
     return GGUFExport(output_file, modelfile, quantization, len(plan), parameters)
 
