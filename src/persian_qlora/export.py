@@ -21,12 +21,15 @@ checked (see docs/export.md).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,16 +53,22 @@ __all__ = ["GGUFExport", "Quantization", "export_adapter_gguf", "export_gguf", "
 
 logger = logging.getLogger("persian_qlora")
 
-Quantization = Literal["auto", "bf16", "f16", "q8_0", "q4_0"]
-# quantization -> (the GGML type of the weights, llama.cpp's file type)
+Quantization = Literal["auto", "bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+# quantization -> (the GGML type of the weights, llama.cpp's file type), written here by gguf
 _QUANTIZATIONS = {
     "bf16": ("BF16", "MOSTLY_BF16"),
     "f16": ("F16", "MOSTLY_F16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
 }
-# k-quants: gguf can read them but not write them; they need llama.cpp's own quantizer.
-_LLAMA_CPP_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q6_k")
+# quantization -> llama_cpp's name of the file type. gguf can read k-quants but not write them: llama.cpp's own
+# quantizer writes them from the 16-bit file, choosing each tensor's type by its rules (the "_m" mixes keep some
+# tensors at more bits, and a row length that is not a multiple of 256 falls back to a 32-block type).
+_LLAMA_CPP_QUANTIZATIONS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
 
 # What llama.cpp's Gemma 3 (llama-model.cpp, LLM_ARCH_GEMMA3) assumes instead of reading it from the file.
 _LLAMA_CPP_GLOBAL_EVERY = 6  # set_swa_pattern(6): layers 5, 11, 17, ... attend globally, the others locally
@@ -68,13 +77,14 @@ _LLAMA_CPP_27B_LAYERS = 62  # the one size whose query scale is 1/sqrt(hidden/he
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _ADDED_TOKEN_SCORE = -1000.0  # what convert_hf_to_gguf.py gives control and user-defined pieces
 _CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT)
 
 
 @dataclass(frozen=True)
 class GGUFExport:
     path: Path
     modelfile: Path
-    quantization: str  # the one written: "bf16", "f16", "q8_0" or "q4_0"
+    quantization: str  # the one written: "bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m" or "q6_k"
     tensors: int
     parameters: int
 
@@ -126,6 +136,54 @@ def _import_gguf():
     except ImportError as err:
         raise MissingExtraError("GGUF export", "gguf", "gguf") from err
     return gguf
+
+
+def _import_llama_cpp(quantization: str):
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise MissingExtraError(
+            f"GGUF export at {quantization} (llama.cpp's quantizer)", "llama", "llama-cpp-python"
+        ) from err
+    return llama_cpp
+
+
+@contextmanager
+def _llama_cpp_log(errors: list[str]) -> Iterator[None]:
+    """llama.cpp's C log (a few lines per tensor while quantizing) into persian_qlora's debug log instead of the
+    terminal, its error lines also into ``errors``; the callback set before (the binding's own) is put back."""
+    import llama_cpp
+
+    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+
+    @llama_cpp.llama_log_callback
+    def record(level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", errors="replace")
+        logger.debug("llama.cpp: %s", line.rstrip("\n"))
+        if level == _GGML_LOG_LEVEL_ERROR:
+            errors.append(line.strip())
+
+    llama_cpp.llama_log_set(record, ctypes.c_void_p())
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(previous, previous_data)
+
+
+def _quantize_with_llama_cpp(source: Path, target: Path, quantization: str) -> None:
+    """Quantize the 16-bit GGUF file ``source`` into ``target`` with llama.cpp's own quantizer, as its
+    llama-quantize tool does (default parameters: the type mix and fallbacks are llama.cpp's)."""
+    llama_cpp = _import_llama_cpp(quantization)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _LLAMA_CPP_QUANTIZATIONS[quantization])
+    errors: list[str] = []
+    with _llama_cpp_log(errors):
+        failed = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(target), ctypes.byref(params))
+    if failed:
+        raise PersianQLoRAError(
+            f"llama.cpp's quantizer could not write {quantization}: {' '.join(errors) or f'error {failed}'}"
+        )
 
 
 def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
@@ -354,7 +412,7 @@ def _write_tokenizer(writer, tokenizer, vocabulary: _Vocabulary) -> None:
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_scores(vocabulary.scores)
     writer.add_token_types(vocabulary.types)
-    for kind in ("bos", "eos", "unk", "pad"):
+    for kind in ("bos", "eos", "unk", "pad", "mask"):  # the special tokens convert_hf_to_gguf.py writes
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
@@ -410,6 +468,17 @@ def render_modelfile(gguf_name: str, turns: TurnFormat = GEMMA3_TURNS) -> str:
     )
 
 
+def _write_file(writer, plan: list[_PlannedTensor], path: Path) -> None:
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for planned in plan:  # a block of one tensor in memory at a time
+            writer.write_tensor_data(_StreamedTensor(planned))
+    finally:
+        writer.close()
+
+
 @renamed_arguments(merged_dir="model")
 def export_gguf(
     model: str | Path,
@@ -424,22 +493,21 @@ def export_gguf(
     safetensors (for a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"``
     (8-bit, about half the size), ``"q4_0"`` (4-bit, about a quarter; the tied embedding, which is also the output
     matrix, stays Q8_0), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The k-quants
-    (``q4_k_m``...) need llama.cpp's quantizer and are refused. Streams tensor by tensor: memory grows with a block
-    of rows, not with the model. The Modelfile is ``output_file`` with the suffix ``.Modelfile``. Both are written
-    atomically after a free-space check; an existing file is refused unless ``overwrite=True``. Needs the ``gguf``
-    extra.
+    ``"q4_k_m"``, ``"q5_k_m"`` and ``"q6_k"`` are written by llama.cpp's own quantizer from a temporary 16-bit file
+    (the checkpoint's own type) beside ``output_file``, which is removed afterwards; they need the ``llama`` extra.
+    Streams tensor by tensor: memory grows with a block of rows, not with the model. The Modelfile is
+    ``output_file`` with the suffix ``.Modelfile``. Both are written atomically after a free-space check; an
+    existing file is refused unless ``overwrite=True``. Needs the ``gguf`` extra.
     """
     gguf = _import_gguf()
     from transformers import AutoConfig, AutoTokenizer
 
-    if quantization in _LLAMA_CPP_QUANTIZATIONS:
-        raise PersianQLoRAError(
-            f"quantization={quantization!r} needs llama.cpp's quantizer (the 'llama' extra), which export_gguf does "
-            "not run yet: export bf16 and run llama.cpp's llama-quantize on the file, or choose q8_0 or q4_0, which "
-            "are written here"
-        )
-    if quantization != "auto" and quantization not in _QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of auto, {', '.join(_QUANTIZATIONS)}; got {quantization!r}")
+    if quantization != "auto" and quantization not in (*_QUANTIZATIONS, *_LLAMA_CPP_QUANTIZATIONS):
+        choices = ", ".join(["auto", *_QUANTIZATIONS, *_LLAMA_CPP_QUANTIZATIONS])
+        raise ValueError(f"quantization must be one of {choices}; got {quantization!r}")
+    k_quant = quantization if quantization in _LLAMA_CPP_QUANTIZATIONS else None
+    if k_quant:
+        _import_llama_cpp(k_quant)  # before any work
     merged_dir, output_file = Path(model), Path(output_file)
     _check_is_gemma3_checkpoint(merged_dir)
     whole_config = AutoConfig.from_pretrained(merged_dir)
@@ -455,9 +523,9 @@ def export_gguf(
     stored = read_checkpoint(merged_dir)
     family = FAMILIES[whole_config.model_type]
     tied = bool(getattr(whole_config, "tie_word_embeddings", True) and config.tie_word_embeddings)
-    if quantization == "auto":  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto (fp32 -> bf16)
+    if quantization == "auto" or k_quant:  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto
         embedding = next(t for name, t in stored.items() if text_name(family, name) == "model.embed_tokens.weight")
-        quantization = "f16" if embedding.dtype == torch.float16 else "bf16"
+        quantization = "f16" if embedding.dtype == torch.float16 else "bf16"  # fp32 -> bf16, as llama.cpp's too
     weight_type, file_type = _QUANTIZATIONS[quantization]
     plan = _plan_tensors(stored, family, config, tied, len(vocabulary.tokens), gguf.GGMLQuantizationType[weight_type])
 
@@ -470,16 +538,20 @@ def export_gguf(
         writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned), planned.type)
 
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    require_free_space(output_file.parent, sum(_nbytes(p) for p in plan) + 64 * 2**20, "the GGUF file")
+    # A k-quant needs the 16-bit file and, beside it, the smaller quantized one.
+    needed = sum(_nbytes(p) for p in plan) * (2 if k_quant else 1) + 64 * 2**20
+    require_free_space(output_file.parent, needed, "the GGUF file")
     with staged_file(output_file) as temporary:
-        try:
-            writer.write_header_to_file(temporary)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for planned in plan:  # a block of one tensor in memory at a time
-                writer.write_tensor_data(_StreamedTensor(planned))
-        finally:
-            writer.close()
+        if k_quant is None:
+            _write_file(writer, plan, temporary)
+        else:
+            sixteen_bit = temporary.with_name(f"{temporary.stem}.{quantization}.partial")
+            try:
+                _write_file(writer, plan, sixteen_bit)
+                _quantize_with_llama_cpp(sixteen_bit, temporary, k_quant)
+            finally:
+                sixteen_bit.unlink(missing_ok=True)
+            quantization = k_quant
     atomic_write_text(modelfile, render_modelfile(output_file.name))
     logger.info("wrote %s (%s, %d tensors) and %s", output_file, quantization, len(plan), modelfile.name)
     return GGUFExport(output_file, modelfile, quantization, len(plan), parameters)
