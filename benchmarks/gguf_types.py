@@ -6,8 +6,9 @@ quantizer: the llama extra), then loaded in llama.cpp (llama-cpp-python) with it
 
   size        the file's size, and how many weights of each GGML type it holds (norms are F32 in every file);
   perplexity  exp of the mean negative log-likelihood of the model-turn tokens (what training scores: reply text
-              and <end_of_turn>) of the bundled test split, 49 conversations, from llama.cpp's logits with every
-              token of the conversation as context; prompt tokens/s is that pass's speed;
+              and <end_of_turn>) of the first --conversations conversations of the bundled test split (49 in all),
+              from llama.cpp's logits with every earlier token of the conversation as context; prompt tokens/s is
+              that pass's speed (every position projected onto the 262,144-token vocabulary);
   generation  greedy decoding of --new-tokens tokens after the first test prompt, <end_of_turn> and <eos>
               suppressed so that every run decodes as many, one token per step; the median of --repeats runs.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import gguf
 import llama_cpp
 import numpy as np
+import torch
 from transformers import AutoTokenizer
 
 from persian_qlora import PersianChatDataset, evaluation_pairs, export_gguf
@@ -45,8 +47,19 @@ parser.add_argument("--workdir", type=Path, default=Path("/tmp/gguf-types"))
 parser.add_argument("--threads", type=int, default=os.cpu_count())
 parser.add_argument("--new-tokens", type=int, default=64)
 parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--conversations", type=int, default=49, help="the first N test conversations for perplexity")
 parser.add_argument("--plain-kernels", action="store_true", help="llama.cpp's plain CPU kernels (no AMX, no repack)")
 args = parser.parse_args()
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+        if line.startswith("model name")
+    ]
+    return names[0] if names else platform.machine()
 
 
 def load(path: Path, **kwargs) -> llama_cpp.Llama:
@@ -78,11 +91,9 @@ def reply_perplexity(path: Path, dataset) -> tuple[float, float]:
         llm.eval(ids)
         seconds += time.perf_counter() - start
         evaluated += len(ids)
-        logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float64)  # position t predicts token t + 1
-        targets = np.flatnonzero(labels[1:] != IGNORE_INDEX)
-        shifted = logits[targets] - logits[targets].max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        nll -= float(log_probs[np.arange(len(targets)), np.array(ids[1:])[targets]].sum())
+        targets = np.flatnonzero(labels[1:] != IGNORE_INDEX)  # position t predicts token t + 1
+        logits = torch.from_numpy(np.asarray(llm.scores[targets], dtype=np.float32))
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])[targets], reduction="sum"))
         scored += len(targets)
     llm.close()
     return math.exp(nll / scored), evaluated / seconds
@@ -112,14 +123,17 @@ def generation_speed(path: Path, prompt: list[int], never: list[int]) -> float:
 model = prepare_base("gemma3-270m")
 tokenizer = AutoTokenizer.from_pretrained(model)
 dataset = PersianChatDataset.bundled(tokenizer, split="test")
+scored_conversations = [dataset[i] for i in range(min(args.conversations, len(dataset)))]
 prompt_messages = evaluation_pairs(dataset.conversations[:1])[0][0]
 prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, return_dict=True)["input_ids"]
 never = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
 args.workdir.mkdir(parents=True, exist_ok=True)
 print(
-    f"Gemma 3 270M ({model}); llama-cpp-python {llama_cpp.__version__}; {platform.processor() or platform.machine()}, "
+    f"Gemma 3 270M ({model}); llama-cpp-python {llama_cpp.__version__}; {cpu_name()}, "
     f"{args.threads} threads, {'plain' if args.plain_kernels else 'default'} kernels; load average at start "
-    f"{os.getloadavg()[0]:.1f}; {len(dataset)} test conversations, {args.new_tokens} new tokens x {args.repeats}\n"
+    f"{os.getloadavg()[0]:.1f}; perplexity over {len(scored_conversations)} test conversations; generation "
+    f"{args.new_tokens} new tokens x {args.repeats}\n",
+    flush=True,
 )
 rows = []
 for quantization in args.types:
@@ -130,10 +144,11 @@ for quantization in args.types:
     exported = time.perf_counter() - start
     held = Counter()
     for tensor in gguf.GGUFReader(result.path).tensors:
-        held[tensor.tensor_type.name] += int(tensor.n_elements)
+        if len(tensor.shape) > 1:  # the norms are F32 in every file
+            held[tensor.tensor_type.name] += int(tensor.n_elements)
     total = sum(held.values())
-    holds = ", ".join(f"{kind} {count / total:.0%}" for kind, count in held.most_common())
-    ppl, prompt_speed = reply_perplexity(result.path, dataset)
+    holds = ", ".join(f"{kind} {count / total:.1%}" for kind, count in held.most_common())
+    ppl, prompt_speed = reply_perplexity(result.path, scored_conversations)
     speed = generation_speed(result.path, prompt, never)
     size = result.path.stat().st_size
     rows.append((quantization, size, holds, ppl, prompt_speed, speed))
@@ -143,7 +158,10 @@ for quantization in args.types:
         flush=True,
     )
 
-print("\n| type | file (MiB) | weights held | perplexity, Persian replies | prompt tokens/s | generation tokens/s |")
+print(
+    "\n| type | file (MiB) | weight matrices held as (share of their weights) | perplexity, Persian replies "
+    "| prompt tokens/s | generation tokens/s |"
+)
 print("|---|---|---|---|---|---|")
 for quantization, size, holds, ppl, prompt_speed, speed in rows:
     print(f"| {quantization} | {size / 2**20:.1f} | {holds} | {ppl:.3f} | {prompt_speed:.0f} | {speed:.1f} |")
