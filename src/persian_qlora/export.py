@@ -46,7 +46,7 @@ from persian_qlora._gguf_gemma4 import GEMMA4
 from persian_qlora._gguf_plan import Architecture, PlannedTensor, Vocabulary, import_gguf, nbytes, plan_tensors
 from persian_qlora._merge_plan import text_name
 from persian_qlora._shards import INDEX_FILE, SINGLE_FILE, StoredTensor, read_checkpoint, read_tensor
-from persian_qlora.errors import PersianQLoRAError
+from persian_qlora.errors import MissingExtraError, PersianQLoRAError
 from persian_qlora.families import FAMILIES, GEMMA3_TURNS, TurnFormat
 from persian_qlora.generation import REFERENCE_SAMPLING
 
