@@ -16,6 +16,10 @@ Bases (``--base``):
                   head reads ``lm_head.bias``, which peft's wrapper lacks: AttributeError), so its baselines train
                   LoRA alone: they do less work than the defaults, and do not learn to end their turns.
   random          the random model as built: its <end_of_turn> row is distinct, nothing is added to LoRA.
+  gemma3-270m     the real Gemma 3 270M (pretrained, the gemma3-270m extra: ``prepare_base("gemma3-270m")``) with
+                  its own tokenizer: its <end_of_turn> row sits among the <unused*> rows, so the defaults train it,
+                  on the real 262,144-row tied head. Hidden 640 and 18 layers: the layers weigh more beside the
+                  head than in the wide tiny model.
 
 Settings:
   baseline        TRL SFTTrainer, default SFTConfig but for the recipe's batch 2 x grad-accum 4, max_length 4000
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -90,7 +95,13 @@ def prepare(workdir: Path, count: int, base: str) -> None:
     from persian_qlora import PersianChatDataset
     from persian_qlora.testing import build_tiny_gemma, chained_conversations, lognormal_lengths, plant_turn_end_copies
 
-    build_tiny_gemma(workdir / "model", "gemma3", vocab_size=GEMMA_VOCAB, **WIDE_GEMMA)
+    if base == "gemma3-270m":
+        from persian_qlora.bases import prepare_base
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "model").symlink_to(prepare_base("gemma3-270m"), target_is_directory=True)
+    else:
+        build_tiny_gemma(workdir / "model", "gemma3", vocab_size=GEMMA_VOCAB, **WIDE_GEMMA)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     if base == "pretrained-like":  # near-copies among the rows no token maps to, as Gemma's <unused*> rows
         plant_turn_end_copies(workdir / "model", range(len(tokenizer), len(tokenizer) + 100))
@@ -164,7 +175,7 @@ def worker(workdir: Path, setting: str, chunk_size: int | None) -> dict:
         config = TrainConfig(**common, learning_rate=2e-5, warmup_steps=10, extra=extra, **settings)
         trainer = make_trainer(model, tokenizer, data, config=config)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator, tokenizer.pad_token_id)
-    cpu_started = time.process_time()
+    load_before, cpu_started = os.getloadavg()[0], time.process_time()
     with PhaseMeter(model.device) as meter:
         trainer.train()
     cpu_seconds = time.process_time() - cpu_started
@@ -180,6 +191,7 @@ def worker(workdir: Path, setting: str, chunk_size: int | None) -> dict:
         "memory": meter.result.memory,
         "peak_gb": meter.result.peak_gb,
         "first_loss": losses[0] if losses else None,
+        "load_average": [load_before, os.getloadavg()[0]],  # the machine's 1-minute load, before and after
     }
 
 
@@ -188,7 +200,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=48, help="a multiple of 8 (batch 2 x accumulation 4)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--chunk-size", type=int, help="loss_chunk_size for the lean loss (default: the library's)")
-    parser.add_argument("--base", choices=["pretrained-like", "random"], default="pretrained-like")
+    parser.add_argument("--base", choices=["pretrained-like", "random", "gemma3-270m"], default="pretrained-like")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -218,15 +230,16 @@ def main() -> None:
         results[setting] = json.loads(result_file.read_text())
 
     columns = "setting | optimizer steps | real-token fraction | real tokens/s | peak memory (GB) | seconds"
-    print(f"\n| {columns} | real tokens per CPU-second | first loss | head with trained rows |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| {columns} | real tokens per CPU-second | first loss | head with trained rows | load average |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         r["fraction"] = r["real_tokens"] / r["computed_positions"]
         r["tokens_per_second"] = r["real_tokens"] / r["seconds"]
         print(
             f"| {name} | {r['steps']} | {r['fraction']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_gb']:.2f} "
             f"| {r['seconds']:.1f} | {r['real_tokens'] / r['cpu_seconds']:.0f} | {r['first_loss']:.4f} "
-            f"| {'yes' if r['trained_token_rows'] else 'no'} |"
+            f"| {'yes' if r['trained_token_rows'] else 'no'} "
+            f"| {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f} |"
         )
     for baseline, targets in TARGETS.items():
         if baseline not in results or len(results) == 1:

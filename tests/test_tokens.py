@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from persian_qlora import GemmaChatCollator, PersianChatDataset
 from persian_qlora.families import GEMMA3_TURNS
-from persian_qlora.generation import evaluation_pairs, generate
+from persian_qlora.generation import evaluation_pairs, generate, stop_token_ids
 from persian_qlora.modeling import LoraSettings, build_lora_model, build_qlora_model
 from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer, plant_turn_end_copies
 from persian_qlora.tokens import indistinct_tokens, untrained_token_ids
@@ -94,3 +94,56 @@ def test_generation_never_emits_an_untrained_token(planted_path):
     assert all(suppressed.texts), suppressed.texts  # ordinary tokens, in spite of the bias
     free = generate(model, tokenizer, prompts, max_new_tokens=6, suppress_untrained=False)
     assert free.texts == ["", ""]  # everything it emitted was a special token, decoded away
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_suppression_replies_as_transformers_suppress_tokens_would(planted_path, monkeypatch, do_sample):
+    """The library suppresses untrained tokens with its own processor (transformers' rebuilds a vocabulary-wide mask
+    every step); the replies are the ones transformers' ``SuppressTokensLogitsProcessor`` gives, greedy or sampled
+    with the same seed (suppression comes before top-k and top-p either way), and hold no suppressed id even where
+    every one of them is the likeliest. A ``suppress_tokens`` given by the caller is suppressed too."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(planted_path)
+    model = build_qlora_model(planted_path, lora=LoraSettings(train_turn_end=False))
+    untrained = untrained_token_ids(tokenizer)
+    bias = torch.zeros(len(tokenizer))
+    bias[untrained] = 100.0
+    model.get_base_model().lm_head.register_forward_hook(lambda _m, _a, out: out + bias.to(out.dtype))
+    prompts, _ = evaluation_pairs(PersianChatDataset.bundled(tokenizer).conversations[:3])
+    sampling = {"do_sample": True, "temperature": 0.7, "top_k": 64, "top_p": 0.95} if do_sample else {}
+    replies: list[list[int]] = []  # the ids of each reply of ours, up to its stop token
+    original = model.generate
+
+    def recording(**kwargs):
+        output = original(**kwargs)
+        for row in output[:, kwargs["input_ids"].shape[1] :].tolist():
+            end = next((k for k, t in enumerate(row) if t in stop_token_ids(tokenizer)), len(row) - 1)
+            replies.append(row[: end + 1])
+        return output
+
+    monkeypatch.setattr(model, "generate", recording)
+    torch.manual_seed(0)
+    generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, **sampling)
+    extra = [replies[0][0]]  # the token the first reply starts with
+    suppressed = sorted({*untrained, *extra})
+    replies.clear()
+    torch.manual_seed(0)
+    ours = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, suppress_tokens=extra, **sampling)
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    reference = LogitsProcessorList([SuppressTokensLogitsProcessor(suppressed)])
+    theirs = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=8,
+        batch_size=2,
+        suppress_untrained=False,
+        logits_processor=reference,
+        **sampling,
+    )
+    assert ours.texts == theirs.texts and ours.new_tokens == theirs.new_tokens
+    assert all(ours.texts), ours.texts  # ordinary tokens, in spite of the bias
+    generated = {t for reply in replies for t in reply}
+    assert len(replies) == len(prompts) and not generated & set(suppressed), sorted(generated & set(suppressed))
