@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0+cpu
 MULTIMODAL_TORCH ?= torch==2.14.1 torchvision==0.29.1
 WHEEL_TORCH ?= torch==2.13.0
 
-.PHONY: install real-extra demo demo-real test test-multimodal test-llama test-real lint bench bench-install docs package-check clean
+.PHONY: install real-extra demo demo-real test test-multimodal test-llama test-real llama-source lint bench bench-install docs package-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,21 @@ real-extra: install
 demo-real: real-extra
 	$(BIN)/persian-qlora demo --base gemma3-270m
 
-test-real: real-extra
+# llama.cpp's source as the llama extra's package carries it (the sdist of the llama-cpp-python that constraints.txt
+# pins, which pip downloads or takes from its cache), unpacked into build/llama.cpp: its convert_hf_to_gguf.py and
+# gguf-py, to which a real-model test holds the export. The test reads $LLAMA_CPP_SOURCE instead where it is set.
+LLAMA_SOURCE ?= build/llama.cpp
+$(LLAMA_SOURCE)/convert_hf_to_gguf.py: constraints.txt | install
+	rm -rf build/llama-sdist $(LLAMA_SOURCE)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -c constraints.txt -d build/llama-sdist llama-cpp-python
+	mkdir -p $(LLAMA_SOURCE)
+	tar -xzf build/llama-sdist/llama_cpp_python-*.tar.gz -C $(LLAMA_SOURCE) --strip-components=3 \
+		--wildcards 'llama_cpp_python-*/vendor/llama.cpp/*'
+	touch $@
+
+llama-source: $(LLAMA_SOURCE)/convert_hf_to_gguf.py
+
+test-real: real-extra llama-source
 	$(BIN)/python -m pytest -m real_model
 
 test: install

@@ -3,12 +3,14 @@ llama.cpp reads is there; refusals; the Modelfile; atomic, checked writes; and (
 against its original GGUF."""
 
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +167,7 @@ def test_the_file_holds_what_llama_cpp_reads(checkpoint, exported):
     assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.tokens"]) == len(tokenizer)
     assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.mask_token_id"] == tokenizer.convert_tokens_to_ids("<mask>")  # as the converter
     assert fields["tokenizer.ggml.add_bos_token"] is False  # the tiny tokenizer adds none; Gemma's adds <bos>
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     types = fields["tokenizer.ggml.token_type"]
@@ -257,11 +260,19 @@ def test_a_multimodal_gemma3_exports_its_language_model(tmp_path):
 
 
 def test_an_unknown_quantization_is_refused_before_any_work(checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="quantization must be one of auto, bf16, f16, q8_0, q4_0; got 'q3'"):
+    with pytest.raises(
+        ValueError, match="quantization must be one of auto, bf16, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; got 'q3'"
+    ):
         export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q3")
-    for k_quant in ("q4_k_m", "q5_k_m", "q6_k"):
-        with pytest.raises(PersianQLoRAError, match=f"{k_quant}.* needs llama.cpp's quantizer \\(the 'llama' extra"):
-            export_gguf(checkpoint, tmp_path / "x.gguf", quantization=k_quant)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("k_quant", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_without_llama_cpp_a_k_quant_names_the_extra_before_any_work(k_quant, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the llama extra were not installed
+    monkeypatch.setattr(export_module, "read_checkpoint", lambda path: pytest.fail("the checkpoint was read"))
+    with pytest.raises(MissingExtraError, match=rf"{k_quant} \(llama.cpp's quantizer\).*persian-qlora\[llama\]"):
+        export_gguf(checkpoint, tmp_path / "x.gguf", quantization=k_quant)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -423,8 +434,15 @@ LLAMA_REASON = "needs llama.cpp: pip install 'persian-qlora[llama]' (make test-l
 # Bounds on the error as a share of the largest |logit| over the probes. Measured on the tiny model (largest |logit|
 # 0.83): bf16 8.8e-3 (llama.cpp rounds the activations to bf16 for bf16 weights), f16 1.5e-3, q8_0 4.1e-2 (8-bit
 # weights, and activations rounded to 8 bits for the dot products), q4_0 0.55 (the error transformers reads back
-# from the same file too: 4 bits hold little of a random tiny model's structureless weights).
-LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1, "q4_0": 0.75}
+# from the same file too: 4 bits hold little of a random tiny model's structureless weights); the k-quants, whose
+# weights here mostly hold their mix's 32-block fallback types (see K_MIX): q4_k_m 0.32, q5_k_m 0.26, q6_k 0.078.
+LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.1, "q4_0": 0.75, "q4_k_m": 0.5, "q5_k_m": 0.4, "q6_k": 0.15}
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+# What llama.cpp's quantizer (llama-quant.cpp) may give a weight in each mix: its k types where a row is a multiple of
+# 256 weights long; where it is not, the 32-block type each k type falls back to (Q4_K -> Q5_0, Q5_K -> Q5_1,
+# Q6_K -> Q8_0); and Q8_0 for the tied embedding, which is also the output matrix, when its rows do not fit Q6_K.
+K_MIX = {"q4_k_m": {"Q4_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q6_k": {"Q6_K"}}
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 PROBE_TEXTS = [*PERSIAN_TEXTS, "ي و ك عربی، ۰۱۲۳۴۵۶۷۸۹ و 0123456789 🙂👍🏽\n\nخط سوم", "<start_of_turn>user\nسلام"]
 
 
@@ -463,10 +481,19 @@ def test_llama_cpp_splits_persian_text_into_the_checkpoints_ids(checkpoint, expo
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
 
 
+@pytest.fixture(scope="module")
+def k_quant_exported(checkpoint, tmp_path_factory):
+    """The checkpoint exported at each k-quant, by llama.cpp's quantizer."""
+    pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    directory = tmp_path_factory.mktemp("k-quants")
+    return {q: export_gguf(checkpoint, directory / f"tiny.{q}.gguf", quantization=q) for q in K_QUANTS}
+
+
 @pytest.mark.llama
 @pytest.mark.parametrize("quantization", list(LLAMA_LOGIT_SHARE))
-def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, exported, conversations):
-    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(exported[quantization].path)
+def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, exported, conversations, request):
+    files = request.getfixturevalue("k_quant_exported") if quantization in K_QUANTS else exported
+    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(files[quantization].path)
     original = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     largest, error = 0.0, 0.0
     for conversation in conversations:
@@ -477,6 +504,77 @@ def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, export
         largest, error = max(largest, float(expected.abs().max())), max(error, float((expected - got).abs().max()))
     print(f"{quantization}: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
     assert error <= LLAMA_LOGIT_SHARE[quantization] * largest
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("quantization", K_QUANTS)
+def test_a_k_quant_file_holds_llama_cpps_mix_and_the_16_bit_files_metadata(quantization, k_quant_exported, exported):
+    """Written by llama.cpp's quantizer from the 16-bit file: the same tensors and metadata, the mix's types. The
+    tiny model's rows are mostly shorter than 256 weights (hidden size 64), so most weights hold the fallback type;
+    the attention output (rows of 2 x 256) holds a k type."""
+    result, sixteen_bit = k_quant_exported[quantization], exported["bf16"]
+    assert result.quantization == quantization and result.tensors == sixteen_bit.tensors
+    fields, expected = _fields(result.path), _fields(sixteen_bit.path)
+    assert fields["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{quantization.upper()}"]
+    assert {k: v for k, v in fields.items() if k != "general.file_type"} == {
+        k: v for k, v in expected.items() if k != "general.file_type"
+    }
+    tensors = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    assert _tensor_shapes(result.path) == _tensor_shapes(sixteen_bit.path)
+    mix = K_MIX[quantization]
+    for name, tensor in tensors.items():
+        kind = tensor.tensor_type.name
+        if len(tensor.shape) == 1:
+            assert kind == "F32", name
+        elif tensor.shape[0] % 256 == 0:  # the row length (GGUF lists the shape innermost first)
+            assert kind in mix, (name, kind)
+        else:
+            assert kind in {K_FALLBACK[k] for k in mix} | {"Q8_0"}, (name, kind)
+    assert {tensors[f"blk.{i}.attn_output.weight"].tensor_type.name for i in range(6)} <= mix
+    assert sorted(p.name for p in result.path.parent.iterdir()) == sorted(  # no 16-bit file left behind
+        name for q in K_QUANTS for name in (f"tiny.{q}.gguf", f"tiny.{q}.Modelfile")
+    )
+
+
+def _llama_log_callback():
+    import ctypes
+
+    import llama_cpp
+
+    callback, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(data))
+    return ctypes.cast(callback, ctypes.c_void_p).value
+
+
+@pytest.mark.llama
+def test_llama_cpps_quantizer_logs_to_the_debug_log_not_the_terminal(checkpoint, tmp_path, capfd, caplog):
+    pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    before = _llama_log_callback()
+    with caplog.at_level(logging.DEBUG, logger="persian_qlora"):
+        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q4_k_m")
+    terminal = capfd.readouterr()
+    assert "converting to q" not in terminal.err + terminal.out  # llama.cpp's line per tensor
+    assert any("llama.cpp:" in r.message and "converting to q" in r.message for r in caplog.records)
+    assert _llama_log_callback() == before  # the binding's own callback is back
+
+
+@pytest.mark.llama
+def test_a_failed_quantization_says_why_and_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch):
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    monkeypatch.setattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_Q4_K_M", 1024)  # a file type llama.cpp does not know
+    with pytest.raises(PersianQLoRAError, match="quantizer could not write q4_k_m: .*invalid output file type 1024"):
+        export_gguf(checkpoint, tmp_path / "x.gguf", quantization="q4_k_m")
+    assert list(tmp_path.iterdir()) == []  # no file, no 16-bit temporary, no Modelfile
+
+
+@pytest.mark.llama
+def test_cli_export_gguf_writes_a_k_quant(checkpoint, tmp_path, capsys):
+    pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    command = ["export-gguf", "--model", str(checkpoint), "--output", str(tmp_path / "m.gguf")]
+    assert main([*command, "--quantization", "q4_k_m"]) == 0
+    assert "(q4_k_m, 80 tensors" in capsys.readouterr().out
+    assert _fields(tmp_path / "m.gguf")["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]
 
 
 PROBE_TURN = [{"role": "user", "content": "سلام! حالت چطور است؟"}]
@@ -805,6 +903,10 @@ def test_the_modelfile_template_renders_what_gemmas_chat_template_renders(name, 
     assert tokenizer.bos_token + go == jinja
 
 
+# (quantization, bound on the logit error as a share of the largest |logit|, bound on the perplexity's change)
+REAL_LLAMA_BOUNDS = [("bf16", 1e-2, 0.01), ("q8_0", 0.1, 0.01), ("q4_k_m", 0.1, 0.03)]
+
+
 @pytest.mark.real_model
 @pytest.mark.llama
 def test_the_real_gemma3_270m_runs_in_llama_cpp_as_the_checkpoint(gemma3_270m_path, tmp_path):
@@ -814,8 +916,10 @@ def test_the_real_gemma3_270m_runs_in_llama_cpp_as_the_checkpoint(gemma3_270m_pa
     original = AutoModelForCausalLM.from_pretrained(gemma3_270m_path, dtype=torch.float32)
     conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:4]
     # Measured (2026-12-04): largest |logit| 97.46; bf16 error 0.57 (5.9e-3 of it), perplexity 83.202 -> 83.211;
-    # q8_0 error 5.35 (5.5e-2, at one position), perplexity 83.202 -> 83.640 (+0.53 %).
-    for quantization, share in (("bf16", 1e-2), ("q8_0", 0.1)):
+    # q8_0 error 5.35 (5.5e-2, at one position), perplexity 83.202 -> 83.640 (+0.53 %); (2026-12-05) q4_k_m, by
+    # llama.cpp's quantizer, its weights mostly in the fallback types Q5_0 and Q8_0 (rows of 640 are no multiple of
+    # 256), error 5.20 (5.3e-2), perplexity 83.202 -> 84.307 (+1.33 %).
+    for quantization, share, perplexity_share in REAL_LLAMA_BOUNDS:
         exported = export_gguf(gemma3_270m_path, tmp_path / f"270m.{quantization}.gguf", quantization=quantization)
         llm = _llama(exported.path)
         for text in PROBE_TEXTS:
@@ -835,4 +939,61 @@ def test_the_real_gemma3_270m_runs_in_llama_cpp_as_the_checkpoint(gemma3_270m_pa
         perplexities = {name: math.exp(float(torch.stack(values).mean())) for name, values in nll.items()}
         print(f"{quantization}: largest |logit| {largest:.2f}, error {error:.3f}; perplexity {perplexities}")
         assert error <= share * largest
-        assert abs(perplexities["llama.cpp"] - perplexities["checkpoint"]) <= 0.01 * perplexities["checkpoint"]
+        assert (
+            abs(perplexities["llama.cpp"] - perplexities["checkpoint"]) <= perplexity_share * perplexities["checkpoint"]
+        )
+
+
+# Where the two files legitimately differ in form. Without a tokenizer.model (the prepared checkpoint has only
+# tokenizer.json), convert_hf_to_gguf.py writes Gemma 3's vocabulary as a BPE one (tokenizer.ggml.model "gpt2", a
+# pre-tokenizer name found by hashing, merges, the 256 byte pieces typed NORMAL); the export writes SentencePiece's
+# form (model "llama", scores, byte pieces typed BYTE), as the converter does from a tokenizer.model. The pieces are
+# the same; the test holds the two forms to the same ids in llama.cpp instead.
+VOCABULARY_FORM = {"tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
+
+
+def _llama_cpp_source():
+    """llama.cpp's source tree: $LLAMA_CPP_SOURCE, or build/llama.cpp as `make llama-source` unpacks it."""
+    source = Path(os.environ.get("LLAMA_CPP_SOURCE") or Path(__file__).parents[1] / "build" / "llama.cpp")
+    if not (source / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"needs llama.cpp's source (convert_hf_to_gguf.py, gguf-py) in {source}: make llama-source")
+    return source
+
+
+@pytest.mark.real_model
+@pytest.mark.llama
+def test_the_real_gemma3_270m_exports_as_llama_cpps_own_converter_writes_it(gemma3_270m_path, tmp_path):
+    """Our bf16 file against convert_hf_to_gguf.py's (the llama.cpp source that the llama extra builds), on the same
+    checkpoint: the same tensors, bytes for bytes, and every key the converter writes, with its value."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    source = _llama_cpp_source()
+    converted = tmp_path / "converter.bf16.gguf"
+    command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gemma3_270m_path), "--outtype", "bf16"]
+    subprocess.run([*command, "--outfile", str(converted)], check=True, capture_output=True)  # its own gguf-py
+    ours = export_gguf(gemma3_270m_path, tmp_path / "ours.bf16.gguf", quantization="bf16").path
+
+    def tensors(path):
+        return {
+            t.name: (t.tensor_type, tuple(t.shape), np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors
+        }
+
+    expected = tensors(converted)
+    assert len(expected) == 236 and tensors(ours) == expected
+
+    fields, theirs = _fields(ours), _fields(converted)
+    assert set(theirs) - set(fields) == {"tokenizer.ggml.merges"}  # BPE's alone
+    for key in set(theirs) - VOCABULARY_FORM:
+        assert fields[key] == theirs[key], key
+    assert (fields["tokenizer.ggml.model"], theirs["tokenizer.ggml.model"]) == ("llama", "gpt2")
+    types, their_types = np.array(fields["tokenizer.ggml.token_type"]), np.array(theirs["tokenizer.ggml.token_type"])
+    differing = np.flatnonzero(types != their_types)
+    assert [fields["tokenizer.ggml.tokens"][i] for i in differing] == [f"<0x{b:02X}>" for b in range(256)]
+    assert set(types[differing]) == {gguf.TokenType.BYTE} and set(their_types[differing]) == {gguf.TokenType.NORMAL}
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_270m_path)
+    conversation = [{"role": "system", "content": "کوتاه پاسخ بده."}, {"role": "user", "content": PERSIAN_TEXTS[0]}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    vocabularies = [llama_cpp.Llama(model_path=str(p), vocab_only=True, verbose=False) for p in (ours, converted)]
+    for text in [*PROBE_TEXTS, rendered]:
+        ids = [v.tokenize(text.encode(), add_bos=False, special=True) for v in vocabularies]
+        assert ids[0] == ids[1] == tokenizer(text, add_special_tokens=False)["input_ids"], text

@@ -85,7 +85,7 @@ class Vocabulary:
     pre: str | None = "default"
     merges: list[str] = field(default_factory=list)
     adds_bos: bool | None = None
-    special: tuple[str, ...] = ("bos", "eos", "unk", "pad")  # the tokenizer's ids written, as the converter does
+    special: tuple[str, ...] = ("bos", "eos", "unk", "pad", "mask")  # the ids convert_hf_to_gguf.py writes
 
 
 @dataclass(frozen=True)

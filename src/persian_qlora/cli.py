@@ -473,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
         default="auto",
         help="weight type; auto: the checkpoint's own 16-bit type (norms stay F32 in every case); q4_0 keeps the "
-        "tied embedding Q8_0; the k-quants need llama.cpp's quantizer, which the export does not run yet",
+        "tied embedding Q8_0; the k-quants (q4_k_m, the usual download, q5_k_m, q6_k) are written by llama.cpp's "
+        "own quantizer and need the llama extra",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing file and Modelfile")
     export.set_defaults(run=_export_gguf)

@@ -24,10 +24,14 @@ cannot read a ``gemma3n`` GGUF back, so the export could not be checked (see doc
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +46,7 @@ from persian_qlora._gguf_gemma4 import GEMMA4
 from persian_qlora._gguf_plan import Architecture, PlannedTensor, Vocabulary, import_gguf, nbytes, plan_tensors
 from persian_qlora._merge_plan import text_name
 from persian_qlora._shards import INDEX_FILE, SINGLE_FILE, StoredTensor, read_checkpoint, read_tensor
-from persian_qlora.errors import PersianQLoRAError
+from persian_qlora.errors import MissingExtraError, PersianQLoRAError
 from persian_qlora.families import FAMILIES, GEMMA3_TURNS, TurnFormat
 from persian_qlora.generation import REFERENCE_SAMPLING
 
@@ -50,27 +54,34 @@ __all__ = ["GGUFExport", "Quantization", "export_adapter_gguf", "export_gguf", "
 
 logger = logging.getLogger("persian_qlora")
 
-Quantization = Literal["auto", "bf16", "f16", "q8_0", "q4_0"]
-# quantization -> (the GGML type of the weights, llama.cpp's file type)
+Quantization = Literal["auto", "bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+# quantization -> (the GGML type of the weights, llama.cpp's file type), written here by gguf
 _QUANTIZATIONS = {
     "bf16": ("BF16", "MOSTLY_BF16"),
     "f16": ("F16", "MOSTLY_F16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
 }
-# k-quants: gguf can read them but not write them; they need llama.cpp's own quantizer.
-_LLAMA_CPP_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q6_k")
+# quantization -> llama_cpp's name of the file type. gguf can read k-quants but not write them: llama.cpp's own
+# quantizer writes them from the 16-bit file, choosing each tensor's type by its rules (the "_m" mixes keep some
+# tensors at more bits, and a row length that is not a multiple of 256 falls back to a 32-block type).
+_LLAMA_CPP_QUANTIZATIONS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
 
 _CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
 # One entry per llama.cpp architecture, keyed by the family table's gguf_architecture.
 _ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3, "gemma4": GEMMA4}
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT)
 
 
 @dataclass(frozen=True)
 class GGUFExport:
     path: Path
     modelfile: Path
-    quantization: str  # the one written: "bf16", "f16", "q8_0" or "q4_0"
+    quantization: str  # the one written: "bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m" or "q6_k"
     tensors: int
     parameters: int
 
@@ -113,6 +124,54 @@ def _encode(planned: PlannedTensor, block: torch.Tensor):
     if planned.type == kind.BF16:
         return block.to(torch.bfloat16).view(torch.int16).numpy()
     return gguf.quants.quantize(block.float().reshape(-1, planned.shape[-1]).numpy(), planned.type)
+
+
+def _import_llama_cpp(quantization: str):
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise MissingExtraError(
+            f"GGUF export at {quantization} (llama.cpp's quantizer)", "llama", "llama-cpp-python"
+        ) from err
+    return llama_cpp
+
+
+@contextmanager
+def _llama_cpp_log(errors: list[str]) -> Iterator[None]:
+    """llama.cpp's C log (a few lines per tensor while quantizing) into persian_qlora's debug log instead of the
+    terminal, its error lines also into ``errors``; the callback set before (the binding's own) is put back."""
+    import llama_cpp
+
+    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+
+    @llama_cpp.llama_log_callback
+    def record(level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", errors="replace")
+        logger.debug("llama.cpp: %s", line.rstrip("\n"))
+        if level == _GGML_LOG_LEVEL_ERROR:
+            errors.append(line.strip())
+
+    llama_cpp.llama_log_set(record, ctypes.c_void_p())
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(previous, previous_data)
+
+
+def _quantize_with_llama_cpp(source: Path, target: Path, quantization: str) -> None:
+    """Quantize the 16-bit GGUF file ``source`` into ``target`` with llama.cpp's own quantizer, as its
+    llama-quantize tool does (default parameters: the type mix and fallbacks are llama.cpp's)."""
+    llama_cpp = _import_llama_cpp(quantization)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _LLAMA_CPP_QUANTIZATIONS[quantization])
+    errors: list[str] = []
+    with _llama_cpp_log(errors):
+        failed = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(target), ctypes.byref(params))
+    if failed:
+        raise PersianQLoRAError(
+            f"llama.cpp's quantizer could not write {quantization}: {' '.join(errors) or f'error {failed}'}"
+        )
 
 
 def _architecture_of(merged_dir: Path) -> Architecture:
@@ -218,6 +277,17 @@ def render_modelfile(gguf_name: str, turns: TurnFormat = GEMMA3_TURNS) -> str:
     )
 
 
+def _write_file(writer, plan: list[PlannedTensor], path: Path) -> None:
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for planned in plan:  # a block of one tensor in memory at a time
+            writer.write_tensor_data(_StreamedTensor(planned))
+    finally:
+        writer.close()
+
+
 @renamed_arguments(merged_dir="model")
 def export_gguf(
     model: str | Path,
@@ -234,22 +304,21 @@ def export_gguf(
     Gemma 4 (26B-A4B) is refused. ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"``
     (8-bit, about half the size), ``"q4_0"`` (4-bit, about a quarter; the tied embedding, which is also the output
     matrix, stays Q8_0), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The k-quants
-    (``q4_k_m``...) need llama.cpp's quantizer and are refused. Streams tensor by tensor: memory grows with a block
-    of rows, not with the model. The Modelfile is ``output_file`` with the suffix ``.Modelfile``. Both are written
-    atomically after a free-space check; an existing file is refused unless ``overwrite=True``. Needs the ``gguf``
-    extra.
+    ``"q4_k_m"``, ``"q5_k_m"`` and ``"q6_k"`` are written by llama.cpp's own quantizer from a temporary 16-bit file
+    (the checkpoint's own type) beside ``output_file``, which is removed afterwards; they need the ``llama`` extra.
+    Streams tensor by tensor: memory grows with a block of rows, not with the model. The Modelfile is
+    ``output_file`` with the suffix ``.Modelfile``. Both are written atomically after a free-space check; an
+    existing file is refused unless ``overwrite=True``. Needs the ``gguf`` extra.
     """
     gguf = import_gguf()
     from transformers import AutoConfig, AutoTokenizer
 
-    if quantization in _LLAMA_CPP_QUANTIZATIONS:
-        raise PersianQLoRAError(
-            f"quantization={quantization!r} needs llama.cpp's quantizer (the 'llama' extra), which export_gguf does "
-            "not run yet: export bf16 and run llama.cpp's llama-quantize on the file, or choose q8_0 or q4_0, which "
-            "are written here"
-        )
-    if quantization != "auto" and quantization not in _QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of auto, {', '.join(_QUANTIZATIONS)}; got {quantization!r}")
+    if quantization != "auto" and quantization not in (*_QUANTIZATIONS, *_LLAMA_CPP_QUANTIZATIONS):
+        choices = ", ".join(["auto", *_QUANTIZATIONS, *_LLAMA_CPP_QUANTIZATIONS])
+        raise ValueError(f"quantization must be one of {choices}; got {quantization!r}")
+    k_quant = quantization if quantization in _LLAMA_CPP_QUANTIZATIONS else None
+    if k_quant:
+        _import_llama_cpp(k_quant)  # before any work
     merged_dir, output_file = Path(model), Path(output_file)
     architecture = _architecture_of(merged_dir)
     whole_config = AutoConfig.from_pretrained(merged_dir)
@@ -278,9 +347,9 @@ def export_gguf(
     vocabulary = architecture.vocabulary(tokenizer)
     stored = read_checkpoint(merged_dir)
     tied = bool(getattr(whole_config, "tie_word_embeddings", True) and config.tie_word_embeddings)
-    if quantization == "auto":  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto (fp32 -> bf16)
+    if quantization == "auto" or k_quant:  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto
         embedding = next(t for name, t in stored.items() if text_name(family, name) == "model.embed_tokens.weight")
-        quantization = "f16" if embedding.dtype == torch.float16 else "bf16"
+        quantization = "f16" if embedding.dtype == torch.float16 else "bf16"  # fp32 -> bf16, as llama.cpp's too
     weight_type, file_type = _QUANTIZATIONS[quantization]
     weights = gguf.GGMLQuantizationType[weight_type]
     plan = plan_tensors(architecture, stored, family, config, tied, len(vocabulary.tokens), weights)
@@ -294,16 +363,20 @@ def export_gguf(
         writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), nbytes(planned), planned.type)
 
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    require_free_space(output_file.parent, sum(nbytes(p) for p in plan) + 64 * 2**20, "the GGUF file")
+    # A k-quant needs the 16-bit file and, beside it, the smaller quantized one.
+    needed = sum(nbytes(p) for p in plan) * (2 if k_quant else 1) + 64 * 2**20
+    require_free_space(output_file.parent, needed, "the GGUF file")
     with staged_file(output_file) as temporary:
-        try:
-            writer.write_header_to_file(temporary)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for planned in plan:  # a block of one tensor in memory at a time
-                writer.write_tensor_data(_StreamedTensor(planned))
-        finally:
-            writer.close()
+        if k_quant is None:
+            _write_file(writer, plan, temporary)
+        else:
+            sixteen_bit = temporary.with_name(f"{temporary.stem}.{quantization}.partial")
+            try:
+                _write_file(writer, plan, sixteen_bit)
+                _quantize_with_llama_cpp(sixteen_bit, temporary, k_quant)
+            finally:
+                sixteen_bit.unlink(missing_ok=True)
+            quantization = k_quant
     atomic_write_text(modelfile, render_modelfile(output_file.name, family.turns))
     logger.info("wrote %s (%s, %d tensors) and %s", output_file, quantization, len(plan), modelfile.name)
     return GGUFExport(output_file, modelfile, quantization, len(plan), parameters)
