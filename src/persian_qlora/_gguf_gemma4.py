@@ -239,7 +239,6 @@ def vocabulary(tokenizer) -> Vocabulary:
         pre=None,  # llama.cpp sets Gemma 4's pre-tokenizer itself
         merges=merges,
         adds_bos=True,
-        special=("bos", "eos", "unk", "pad", "mask"),  # what the converter's SpecialVocab writes for Gemma 4
     )
 
 
