@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_export import (
+    K_QUANTS,
+    LLAMA_REASON,
     PERSIAN_TEXTS,
     PROBE_TEXTS,
     _fields,
@@ -41,7 +43,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # weights, activations rounded to 8 bits for the dot products), q4_0 0.55 (4 bits hold little of a random tiny
 # model's structureless weights). The multimodal checkpoint's bf16 file, its fp32 weights rounded too: 2.1e-2. With
 # F32 weights and an F32 cache (a file this export does not offer) the error is 6.7e-4: the file is the model.
-LLAMA_LOGIT_SHARE = {"bf16": 3e-2, "f16": 5e-3, "q8_0": 0.1, "q4_0": 0.75}
+# The k-quants, by llama.cpp's own quantizer: q4_k_m 0.34, q5_k_m 0.32, q6_k 6.6e-2; the tiny model's rows of 64 or
+# 128 weights are shorter than a k-quant block (256), so most weights hold the mix's 32-block fallback types, as in
+# Gemma 3's test; the bounds are Gemma 3's.
+LLAMA_LOGIT_SHARE = {"bf16": 3e-2, "f16": 5e-3, "q8_0": 0.1, "q4_0": 0.75, "q4_k_m": 0.5, "q5_k_m": 0.4, "q6_k": 0.15}
+WRITTEN_HERE = ("bf16", "f16", "q8_0", "q4_0")  # by gguf's writer; the k-quants need llama.cpp's quantizer
 # Gemma 3's probes with Gemma 4's turn marker in place of Gemma 3's.
 GEMMA4_PROBES = [*PROBE_TEXTS[:-1], f"{GEMMA4_TURNS.start_of_turn}user\nسلام{GEMMA4_TURNS.end_of_turn}\n"]
 
@@ -80,7 +86,15 @@ def exported(checkpoint, tmp_path_factory):
     directory = tmp_path_factory.mktemp("gguf4")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export_module, "_CHUNK_ELEMENTS", 1000)
-        return {q: export_gguf(checkpoint, directory / f"g4.{q}.gguf", quantization=q) for q in LLAMA_LOGIT_SHARE}
+        return {q: export_gguf(checkpoint, directory / f"g4.{q}.gguf", quantization=q) for q in WRITTEN_HERE}
+
+
+@pytest.fixture(scope="module")
+def k_quant_exported(checkpoint, tmp_path_factory):
+    """The checkpoint exported at each k-quant, by llama.cpp's quantizer."""
+    pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    directory = tmp_path_factory.mktemp("gguf4-k")
+    return {q: export_gguf(checkpoint, directory / f"g4.{q}.gguf", quantization=q) for q in K_QUANTS}
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +319,9 @@ def _largest_error(llm, model, tokenizer, conversations):
 
 @pytest.mark.llama
 @pytest.mark.parametrize("quantization", list(LLAMA_LOGIT_SHARE))
-def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, exported):
-    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(exported[quantization].path)
+def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, exported, request):
+    files = request.getfixturevalue("k_quant_exported") if quantization in K_QUANTS else exported
+    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(files[quantization].path)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:8]
     largest, error = _largest_error(llm, model, tokenizer, conversations)

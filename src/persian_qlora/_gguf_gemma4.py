@@ -231,9 +231,15 @@ def vocabulary(tokenizer) -> Vocabulary:
         tokens.append(piece)
         types.append(token_type)
     merges = [" ".join(m) if isinstance(m, list) else m for m in tokenizer_json["model"].get("merges", [])]
-    scores = [_NO_SCORE] * len(tokens)
-    special_ids = ("bos", "eos", "unk", "pad", "mask")  # what the converter's SpecialVocab writes for Gemma 4
-    return Vocabulary(tokens, scores, types, "gemma4", None, merges, adds_bos=True, special=special_ids)
+    return Vocabulary(
+        tokens,
+        [_NO_SCORE] * len(tokens),
+        types,
+        model="gemma4",
+        pre=None,  # llama.cpp sets Gemma 4's pre-tokenizer itself
+        merges=merges,
+        adds_bos=True,
+    )
 
 
 GEMMA4 = Architecture(
