@@ -21,8 +21,9 @@ import persian_qlora.export as export_module
 from persian_qlora import MissingExtraError, PersianChatDataset, PersianQLoRAError, evaluation_pairs, generate
 from persian_qlora.cli import main
 from persian_qlora.export import export_gguf
+from persian_qlora.families import TURN_FORMATS, turn_format_of
 from persian_qlora.merging import render_model_card
-from persian_qlora.testing import build_tiny_gemma, complete_merges
+from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer, complete_merges
 
 gguf = pytest.importorskip("gguf")
 
@@ -579,17 +580,20 @@ def test_cli_export_gguf_writes_a_k_quant(checkpoint, tmp_path, capsys):
 PROBE_TURN = [{"role": "user", "content": "سلام! حالت چطور است؟"}]
 
 
-@pytest.fixture(scope="module")
-def ends_turns(checkpoint, tmp_path_factory):
-    """The tiny checkpoint with its (tied) <end_of_turn> row made to win a greedy step after the first few, so that
-    greedy replies end their turn after a few tokens, as a fine-tuned model's do. The row is orthogonal to the LM
-    head's inputs at the earlier steps and long enough to beat every other logit at the chosen one; stored in bf16
-    it can win a step early, so the first chosen step (4th, 5th...) whose bf16 row ends the reply after the third
-    token is kept. The row changes nothing before it wins: <end_of_turn> is never an input there."""
+def make_the_turn_end_win(checkpoint, directory):
+    """``checkpoint`` (tied embedding) with its turn-end row (``<end_of_turn>``, Gemma 4's ``<turn|>``) made to win
+    a greedy step after the first few, so that greedy replies end their turn after a few tokens, as a fine-tuned
+    model's do; saved in bf16 to ``directory`` and exported there. The row is orthogonal to the LM head's inputs at
+    the earlier steps and long enough to beat every other logit at the chosen one; stored in bf16 it can win a step
+    early, so the first chosen step (4th, 5th...) whose bf16 row ends the reply after the third token is kept. The
+    row changes nothing before it wins: the turn end is never an input there."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     ids = tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    head, end_of_turn, start = model.get_output_embeddings(), tokenizer.convert_tokens_to_ids("<end_of_turn>"), 0
+    head, end_of_turn = (
+        model.get_output_embeddings(),
+        tokenizer.convert_tokens_to_ids(turn_format_of(tokenizer).end_of_turn),
+    )
     captured = {}
     with torch.no_grad():
         greedy = model.generate(**ids, max_new_tokens=10, do_sample=False)
@@ -606,30 +610,37 @@ def ends_turns(checkpoint, tmp_path_factory):
             reply = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn)[0, start + 1 :]
             if reply[-1] == end_of_turn and len(reply) > 3:
                 break
-    directory = tmp_path_factory.mktemp("ends-turns")
     model.to(torch.bfloat16).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return export_gguf(directory, directory / "ends-turns.bf16.gguf"), directory
 
 
-@pytest.mark.llama
-def test_llama_cpp_ends_a_greedy_reply_on_end_of_turn_where_transformers_does(ends_turns):
-    result, directory = ends_turns
+def assert_llama_cpp_ends_the_turn_where_transformers_does(result, directory):
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     prompt = tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_dict=True)["input_ids"]
-    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    end_of_turn = tokenizer.convert_tokens_to_ids(turn_format_of(tokenizer).end_of_turn)
     with torch.no_grad():
         new = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn)
     reply = new[0, len(prompt) :].tolist()
     assert reply[-1] == end_of_turn and 3 < len(reply) < 12  # transformers stops on it, after a few tokens
     # Teacher-forced on transformers' reply, since a random tiny model's near-tied logits may part the two greedy
-    # paths earlier: llama.cpp chooses <end_of_turn> where transformers does, and its generation ends there (the
+    # paths earlier: llama.cpp chooses the turn end where transformers does, and its generation ends there (the
     # file marks it as an end-of-generation token), adding nothing.
     llm = _llama(result.path)
     assert int(_llama_logits(llm, prompt + reply[:-1])[-1].argmax()) == end_of_turn
     completion = llm.create_completion(prompt + reply[:-1], max_tokens=4, temperature=0.0, top_k=1)["choices"][0]
     assert completion["finish_reason"] == "stop" and completion["text"] == ""
+
+
+@pytest.fixture(scope="module")
+def ends_turns(checkpoint, tmp_path_factory):
+    return make_the_turn_end_win(checkpoint, tmp_path_factory.mktemp("ends-turns"))
+
+
+@pytest.mark.llama
+def test_llama_cpp_ends_a_greedy_reply_on_end_of_turn_where_transformers_does(ends_turns):
+    assert_llama_cpp_ends_the_turn_where_transformers_does(*ends_turns)
 
 
 def test_the_export_streams_a_block_of_rows_at_a_time(checkpoint, tmp_path, monkeypatch):
@@ -875,15 +886,18 @@ CONVERSATIONS = {
 }
 
 
+@pytest.mark.parametrize("turns", list(TURN_FORMATS))
 @pytest.mark.parametrize("name", CONVERSATIONS)
-def test_the_modelfile_template_renders_what_gemmas_chat_template_renders(checkpoint, name):
-    """Ollama renders the Modelfile's Go template; transformers the tokenizer's Jinja one. For the same messages
-    both give the same prompt, up to the <bos> that llama.cpp adds itself (the Jinja template writes it). Message
-    texts here have no leading or trailing white space: Gemma's template trims it, Go templates cannot."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+def test_the_modelfile_template_renders_what_gemmas_chat_template_renders(name, turns):
+    """Ollama renders the Modelfile's Go template; transformers the tokenizer's Jinja one (Gemma 3's, Gemma 4's).
+    For the same messages both give the same prompt, up to the <bos> that llama.cpp adds itself (the Jinja template
+    writes it). Message texts here have no leading or trailing white space: Gemma's template trims it, Go templates
+    cannot."""
+    tokenizer = build_tiny_tokenizer(turns=turns)
     messages = CONVERSATIONS[name]
     jinja = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    modelfile = export_module.render_modelfile("x.gguf")
+    modelfile = export_module.render_modelfile("x.gguf", TURN_FORMATS[turns])
+    assert f'PARAMETER stop "{TURN_FORMATS[turns].end_of_turn}"' in modelfile.splitlines()
     template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     go = _GoTemplate(template).render({"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
     assert tokenizer.bos_token + go == jinja

@@ -360,13 +360,6 @@ def test_compare_runs_end_to_end_on_gemma4(request, fixture, tmp_path):
     assert report["runs"][0]["merged"][0]["n"] == 2
 
 
-def test_gguf_export_refuses_gemma4_with_the_reason(tiny_gemma4_path, tmp_path):
-    from persian_qlora.export import export_gguf
-
-    with pytest.raises(PersianQLoRAError, match="not yet Gemma 4, whose export has not been checked in llama.cpp"):
-        export_gguf(tiny_gemma4_path, tmp_path / "x.gguf")
-
-
 def test_a_bf16_merge_keeps_the_towers_unbounded_clipping_limits(tiny_gemma4_multimodal_hub_path, tmp_path):
     """Gemma 4's clippable linears store ±inf where they do not clip: a merge into bf16 casts them exactly instead
     of taking them for a broken weight."""

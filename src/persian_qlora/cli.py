@@ -448,10 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export-gguf",
-        help="write a merged Gemma 3 as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile",
-        description="Write a merged Gemma 3 (a 'merge' output or any Gemma 3 checkpoint) as one GGUF file, and an "
-        "Ollama Modelfile beside it (FILE with the suffix .Modelfile). With --adapter, merge the adapter into its "
-        "base first (streaming, into a temporary folder removed afterwards). See docs/export.md.",
+        help="write a merged Gemma 3 or 4 as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile",
+        description="Write a merged Gemma 3 or 4 (a 'merge' output or any Gemma 3 or 4 checkpoint; the language "
+        "model of a multimodal one) as one GGUF file, and an Ollama Modelfile beside it (FILE with the suffix "
+        ".Modelfile). With --adapter, merge the adapter into its base first (streaming, into a temporary folder "
+        "removed afterwards). See docs/export.md.",
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="the merged model directory (from merge)")

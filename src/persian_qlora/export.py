@@ -1,4 +1,4 @@
-"""`export_gguf`: a merged Gemma 3 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
+"""`export_gguf`: a merged Gemma 3 or 4 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
 
 The file is written with the ``gguf`` package (the llama.cpp project's own Python writer): its ``GEMMA3``
 architecture, its tensor-name map, its metadata heuristics and its numpy Q8_0 and Q4_0 quantisation. The export
@@ -15,8 +15,11 @@ read an official conversion:
 
 llama.cpp fixes some of Gemma 3's shape instead of reading it (every 6th layer global, local RoPE base 10000, query
 scale 1/sqrt(head_dim)); a checkpoint that differs is refused rather than written into a file that would run a
-different model. Gemma 3n is refused: transformers cannot read a ``gemma3n`` GGUF back, so the export could not be
-checked (see docs/export.md).
+different model. What is particular to an architecture (its keys, what llama.cpp would run differently, how its
+tensors are named and stored, its vocabulary) is one entry per llama.cpp architecture, keyed by the family table's
+``gguf_architecture``: ``_gguf_gemma3.GEMMA3``, and ``_gguf_gemma4.GEMMA4`` (llama.cpp's ``gemma4``, which reads
+more of the model's structure from its keys and a BPE vocabulary with merges). Gemma 3n is refused: transformers
+cannot read a ``gemma3n`` GGUF back, so the export could not be checked (see docs/export.md).
 """
 
 from __future__ import annotations
@@ -26,28 +29,26 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
-from persian_qlora._merge_plan import meta_model, text_name
+from persian_qlora._gguf_gemma3 import GEMMA3
+from persian_qlora._gguf_gemma4 import GEMMA4
+from persian_qlora._gguf_plan import Architecture, PlannedTensor, Vocabulary, import_gguf, nbytes, plan_tensors
+from persian_qlora._merge_plan import text_name
 from persian_qlora._shards import INDEX_FILE, SINGLE_FILE, StoredTensor, read_checkpoint, read_tensor
-from persian_qlora.chat_template import gemma3_chat_template
 from persian_qlora.errors import MissingExtraError, PersianQLoRAError
-from persian_qlora.families import FAMILIES, GEMMA3_TURNS, GemmaFamily, TurnFormat
+from persian_qlora.families import FAMILIES, GEMMA3_TURNS, TurnFormat
 from persian_qlora.generation import REFERENCE_SAMPLING
-
-if TYPE_CHECKING:
-    import gguf
 
 __all__ = ["GGUFExport", "Quantization", "export_adapter_gguf", "export_gguf", "render_modelfile"]
 
@@ -70,14 +71,10 @@ _LLAMA_CPP_QUANTIZATIONS = {
     "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
 }
 
-# What llama.cpp's Gemma 3 (llama-model.cpp, LLM_ARCH_GEMMA3) assumes instead of reading it from the file.
-_LLAMA_CPP_GLOBAL_EVERY = 6  # set_swa_pattern(6): layers 5, 11, 17, ... attend globally, the others locally
-_LLAMA_CPP_LOCAL_ROPE_BASE = 10_000.0  # rope_freq_base_train_swa
-_LLAMA_CPP_27B_LAYERS = 62  # the one size whose query scale is 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim)
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-_ADDED_TOKEN_SCORE = -1000.0  # what convert_hf_to_gguf.py gives control and user-defined pieces
 _CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT)
+# One entry per llama.cpp architecture, keyed by the family table's gguf_architecture.
+_ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3, "gemma4": GEMMA4}
 
 
 @dataclass(frozen=True)
@@ -89,53 +86,44 @@ class GGUFExport:
     parameters: int
 
 
-@dataclass(frozen=True)
-class _Vocabulary:
-    tokens: list[str]
-    scores: list[float]
-    types: list[int]
-
-
-@dataclass(frozen=True)
-class _PlannedTensor:
-    name: str
-    source: StoredTensor
-    shape: tuple[int, ...]  # the source's, with the embedding and head cut to the tokenizer's rows
-    type: gguf.GGMLQuantizationType
-    norm: bool  # stored as 1 + w, in F32
-
-    def row_blocks(self) -> Iterator[slice]:
-        """The kept rows, a block of at most ``_CHUNK_ELEMENTS`` weights (at least one row) at a time."""
-        rows, width = self.shape[0], math.prod(self.shape[1:])
-        step = max(1, _CHUNK_ELEMENTS // max(1, width))
-        for start in range(0, rows, step):
-            yield slice(start, min(rows, start + step))
-
-
 class _StreamedTensor:
     """The encoded bytes of one planned tensor, produced block by block when GGUFWriter writes them: the writer asks
     an array only for ``nbytes`` and ``tofile``, so it never holds the whole tensor."""
 
-    def __init__(self, planned: _PlannedTensor) -> None:
+    def __init__(self, planned: PlannedTensor) -> None:
         self.planned = planned
-        self.nbytes = _nbytes(planned)
+        self.nbytes = nbytes(planned)
 
     def tofile(self, handle) -> None:
-        written = 0
-        for rows in self.planned.row_blocks():
-            encoded = _encode(self.planned, read_tensor(self.planned.source, rows))
+        written, source = 0, self.planned.source
+        for rows in self.planned.row_blocks(_CHUNK_ELEMENTS):
+            block = read_tensor(source, rows) if isinstance(source, StoredTensor) else source.rows(rows)
+            encoded = _encode(self.planned, block)
             encoded.tofile(handle)
             written += encoded.nbytes
         if written != self.nbytes:
             raise RuntimeError(f"GGUF export: {self.planned.name} encoded to {written} bytes, planned {self.nbytes}")
 
 
-def _import_gguf():
-    try:
-        import gguf
-    except ImportError as err:
-        raise MissingExtraError("GGUF export", "gguf", "gguf") from err
-    return gguf
+def _encode(planned: PlannedTensor, block: torch.Tensor):
+    """A block of the tensor's rows in its GGUF type, plus the planned offset (Gemma 3's norms become 1 + w, as
+    llama.cpp multiplies by the stored weight). Refuses a block that is not finite."""
+    gguf = import_gguf()
+    kind = gguf.GGMLQuantizationType
+    if block.numel():
+        low, high = (float(v) for v in torch.aminmax(block.float()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            source = planned.source
+            where = f"{source.name} ({source.file})" if isinstance(source, StoredTensor) else planned.name
+            raise PersianQLoRAError(f"non-finite weights in {where}; the checkpoint is broken")
+    if planned.type == kind.F32:
+        block = block.float()
+        return (block + planned.offset if planned.offset else block).numpy()
+    if planned.type == kind.F16:
+        return block.to(torch.float16).numpy()
+    if planned.type == kind.BF16:
+        return block.to(torch.bfloat16).view(torch.int16).numpy()
+    return gguf.quants.quantize(block.float().reshape(-1, planned.shape[-1]).numpy(), planned.type)
 
 
 def _import_llama_cpp(quantization: str):
@@ -186,8 +174,9 @@ def _quantize_with_llama_cpp(source: Path, target: Path, quantization: str) -> N
         )
 
 
-def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
-    """Refuse, with the reason, a directory that is not a full Gemma 3 checkpoint in safetensors."""
+def _architecture_of(merged_dir: Path) -> Architecture:
+    """The architecture to write a checkpoint directory as; refuses, with the reason, one that is not a full
+    checkpoint in safetensors of a family the export writes."""
     if not merged_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {merged_dir}")
     has_weights = (merged_dir / SINGLE_FILE).is_file() or (merged_dir / INDEX_FILE).is_file()
@@ -209,227 +198,47 @@ def _check_is_gemma3_checkpoint(merged_dir: Path) -> None:
     if family is None:
         raise PersianQLoRAError(
             f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 (model_type gemma3_text or "
-            "gemma3) only"
+            "gemma3) and Gemma 4 (gemma4_text or gemma4) only"
         )
     if family.gguf_architecture is None:
         raise PersianQLoRAError(
-            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 only: not Gemma 3n, because "
-            "transformers cannot read a gemma3n GGUF back to check the file, and not yet Gemma 4, whose export has "
-            "not been checked in llama.cpp (see docs/export.md). Use the merged checkpoint with transformers, or "
-            "convert it with llama.cpp's convert_hf_to_gguf.py"
+            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 and Gemma 4: not Gemma 3n, "
+            "because transformers cannot read a gemma3n GGUF back to check the file (see docs/export.md). Use the "
+            "merged checkpoint with transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
         )
+    return _ARCHITECTURES[family.gguf_architecture]
 
 
-def _check_llama_cpp_runs_it_as_is(config) -> None:
-    """Refuse a Gemma 3 whose shape llama.cpp would silently replace with its fixed Gemma 3 one."""
-    problems = []
-    expected_layers = [
-        "full_attention" if (i + 1) % _LLAMA_CPP_GLOBAL_EVERY == 0 else "sliding_attention"
-        for i in range(config.num_hidden_layers)
-    ]
-    if list(config.layer_types) != expected_layers:
-        problems.append(f"layer_types {list(config.layer_types)} (llama.cpp makes every 6th layer global)")
-    rope = config.rope_parameters
-    local = rope.get("sliding_attention", {})
-    if local.get("rope_theta") != _LLAMA_CPP_LOCAL_ROPE_BASE or local.get("rope_type", "default") != "default":
-        problems.append(f"local RoPE {local} (llama.cpp uses base 10000, unscaled)")
-    if rope.get("full_attention", {}).get("rope_type", "default") not in ("default", "linear"):
-        problems.append(f"global RoPE {rope['full_attention']} (llama.cpp reads default or linear scaling)")
-    per_head = config.hidden_size // config.num_attention_heads
-    scalar = per_head if config.num_hidden_layers == _LLAMA_CPP_27B_LAYERS else config.head_dim
-    if config.query_pre_attn_scalar != scalar:
-        problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} (llama.cpp uses {scalar})")
-    if config.attn_logit_softcapping is not None:
-        problems.append("attention soft-capping (Gemma 3 has none; llama.cpp ignores it)")
-    if getattr(config, "use_bidirectional_attention", False):
-        problems.append("bidirectional attention (an embedding model, not a chat model)")
-    if config.hidden_activation != "gelu_pytorch_tanh":
-        problems.append(f"activation {config.hidden_activation} (llama.cpp uses tanh-approximated GELU)")
-    if problems:
-        raise PersianQLoRAError(
-            "llama.cpp would run this checkpoint as a different model, so it is not exported: " + "; ".join(problems)
-        )
-
-
-def _check_merges_follow_the_pieces(bpe: dict[str, Any], added: set[str]) -> None:
-    """Refuse a tokenizer that llama.cpp would split differently from transformers.
-
-    The GGUF carries pieces and scores, not merges: llama.cpp merges any two adjacent pieces that form a piece,
-    best score first, as SentencePiece does. A BPE tokenizer behaves the same only when its merges are exactly
-    those pairs, ranked in piece order; Gemma's own tokenizer (converted from SentencePiece) is, but one trained
-    with ``tokenizers``' BpeTrainer keeps only the merges it learned.
-    """
-    vocab = bpe["vocab"]
-    pieces = {piece for piece in vocab if piece not in added}
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
-    merges = [(left, right) for left, right in merges if left + right in pieces]
-    implied = {
-        (piece[:cut], piece[cut:])
-        for piece in pieces
-        for cut in range(1, len(piece))
-        if piece[:cut] in pieces and piece[cut:] in pieces
-    }
-    missing = implied - set(merges)
-    merged_ids = [vocab[left + right] for left, right in merges]
-    out_of_order = next((i for i in range(1, len(merges)) if merged_ids[i] < merged_ids[i - 1]), None)
-    if missing or out_of_order is not None:
-        reason = (
-            f"{len(missing)} pairs that form a piece have no merge, e.g. {sorted(missing)[:3]}"
-            if missing
-            else f"merge {out_of_order} {merges[out_of_order]} makes a piece with a lower id than the one before"
-        )
-        raise PersianQLoRAError(
-            "the tokenizer cannot be written as the SentencePiece vocabulary llama.cpp expects for Gemma: llama.cpp "
-            f"would split some text differently ({reason}). Gemma's own tokenizer passes this check; a BPE "
-            "tokenizer trained with the tokenizers library does not"
-        )
-
-
-def _sentencepiece_vocabulary(tokenizer) -> _Vocabulary:
-    """Pieces, scores and types as convert_hf_to_gguf.py writes them for Gemma's SentencePiece model.
-
-    Scores follow SentencePiece's BPE: a normal piece scores minus its rank among the normal pieces (its merge
-    priority), bytes 0, control and user-defined pieces -1000. User-defined pieces spell spaces as spaces.
-    """
-    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if bpe.get("type") != "BPE":
-        raise PersianQLoRAError(f"the tokenizer is a {bpe.get('type')} model; Gemma's is BPE (SentencePiece-style)")
-    added = tokenizer.added_tokens_decoder
-    _check_merges_follow_the_pieces(bpe, {token.content for token in added.values()})
-    tokens, scores, types = [], [], []
-    normal_rank = 0
-    for index, piece in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer)))):
-        if index in added:
-            token_type = 3 if added[index].special else 4  # CONTROL, USER_DEFINED
-            score = _ADDED_TOKEN_SCORE
-            piece = piece if added[index].special else piece.replace("▁", " ")
-        elif bpe.get("byte_fallback") and _BYTE_PIECE.fullmatch(piece):
-            token_type, score = 6, 0.0  # BYTE
-        elif piece == tokenizer.unk_token:
-            token_type, score = 2, 0.0  # UNKNOWN
-        else:
-            token_type, score = 1, -float(normal_rank)  # NORMAL
-            normal_rank += 1
-        tokens.append(piece)
-        scores.append(score)
-        types.append(token_type)
-    return _Vocabulary(tokens, scores, types)
-
-
-def _plan_tensors(
-    stored: dict[str, StoredTensor], family: GemmaFamily, config, tied: bool, vocabulary_size: int, weight_type
-) -> list[_PlannedTensor]:
-    """Every tensor of the language model under its GGUF name, in the order the model holds them (the order an
-    in-memory export wrote, so the file is the same), read from the checkpoint without building the model."""
-    gguf = _import_gguf()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
-    by_text = {text_name(family, name): tensor for name, tensor in stored.items()}
-    by_text.pop(None, None)  # the towers
-    text = meta_model(family.text(), config)
-    order = [f"model.{name}" for name in text.get_decoder().state_dict()]
-    if "lm_head.weight" in by_text and not tied:  # else llama.cpp reuses token_embd as the output
-        order.append("lm_head.weight")
-    missing = [name for name in order if name not in by_text]
-    if missing:
-        raise PersianQLoRAError(f"the checkpoint has no {missing[:3]}; is this a whole Gemma 3 checkpoint?")
-    plan = []
-    for hf_name in order:
-        source = by_text[hf_name]
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise PersianQLoRAError(f"no GGUF name for the Gemma 3 tensor {hf_name}; is this a Gemma 3 checkpoint?")
-        shape = source.shape
-        if name in ("token_embd.weight", "output.weight"):
-            if shape[0] < vocabulary_size:
-                raise PersianQLoRAError(f"{hf_name} has {shape[0]} rows for {vocabulary_size} tokens")
-            shape = (vocabulary_size, *shape[1:])  # rows past the tokenizer are never used; llama.cpp wants none
-        norm = len(shape) == 1
-        tensor_type = gguf.GGMLQuantizationType.F32 if norm else weight_type
-        if tensor_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
-            if name == "token_embd.weight" and tensor_type == gguf.GGMLQuantizationType.Q4_0 and tied:
-                # Also the output matrix: llama.cpp's quantizer keeps it at 6 bits (Q6_K), which gguf cannot write;
-                # Q8_0 is the nearest type it can.
-                tensor_type = gguf.GGMLQuantizationType.Q8_0
-            if shape[-1] % 32:
-                tensor_type = gguf.GGMLQuantizationType.F16  # blocks of 32 weights a row; convert_hf_to_gguf too
-        plan.append(_PlannedTensor(name, source, tuple(shape), tensor_type, norm))
-    return plan
-
-
-def _encode(planned: _PlannedTensor, block: torch.Tensor):
-    """A block of the tensor's rows in its GGUF type; norms become 1 + w, as llama.cpp multiplies by the stored
-    weight. Refuses a block that is not finite."""
-    gguf = _import_gguf()
-    kind = gguf.GGMLQuantizationType
-    if block.numel():
-        low, high = (float(v) for v in torch.aminmax(block.float()))
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise PersianQLoRAError(
-                f"non-finite weights in {planned.source.name} ({planned.source.file}); the checkpoint is broken"
-            )
-    if planned.norm:
-        return (block.float() + 1.0).numpy()
-    if planned.type == kind.F16:
-        return block.to(torch.float16).numpy()
-    if planned.type == kind.BF16:
-        return block.to(torch.bfloat16).view(torch.int16).numpy()
-    return gguf.quants.quantize(block.float().reshape(-1, planned.shape[-1]).numpy(), planned.type)
-
-
-def _nbytes(planned: _PlannedTensor) -> int:
-    gguf = _import_gguf()
-    return math.prod(gguf.quant_shape_to_byte_shape(planned.shape, planned.type))
-
-
-def _write_architecture(writer, config) -> None:
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    global_rope = config.rope_parameters["full_attention"]
-    writer.add_rope_freq_base(global_rope["rope_theta"])
-    writer.add_rope_freq_base_swa(config.rope_parameters["sliding_attention"]["rope_theta"])  # as the converter does
-    if global_rope.get("rope_type") == "linear":
-        gguf = _import_gguf()
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(global_rope["factor"])
-    if config.sliding_window:
-        writer.add_sliding_window(config.sliding_window)
-    if config.final_logit_softcapping:
-        writer.add_final_logit_softcapping(config.final_logit_softcapping)
-
-
-def _write_tokenizer(writer, tokenizer, vocabulary: _Vocabulary) -> None:
+def _write_tokenizer(writer, tokenizer, vocabulary: Vocabulary, turns: TurnFormat) -> None:
     from persian_qlora.masking import GemmaTurnMarkers
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(vocabulary.model)
+    if vocabulary.pre is not None:
+        writer.add_tokenizer_pre(vocabulary.pre)
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_scores(vocabulary.scores)
     writer.add_token_types(vocabulary.types)
-    for kind in ("bos", "eos", "unk", "pad", "mask"):  # the special tokens convert_hf_to_gguf.py writes
+    if vocabulary.merges:
+        writer.add_token_merges(vocabulary.merges)
+    for kind in vocabulary.special:
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_eot_token_id(GemmaTurnMarkers.from_tokenizer(tokenizer).end_of_turn)
     plain, marked = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
     added = len(marked) - len(plain)  # what the tokenizer adds around a text on its own
-    writer.add_add_bos_token(added > 0 and marked[0] == tokenizer.bos_token_id)
+    adds_bos = added > 0 and marked[0] == tokenizer.bos_token_id
+    writer.add_add_bos_token(adds_bos if vocabulary.adds_bos is None else vocabulary.adds_bos)
     writer.add_add_eos_token(added > 0 and marked[-1] == tokenizer.eos_token_id)
     writer.add_add_sep_token(False)  # Gemma never separates a pair of texts
-    writer.add_add_space_prefix(False)  # Gemma 3 adds no leading space (convert_hf_to_gguf.py sets it so too)
-    writer.add_chat_template(tokenizer.chat_template or gemma3_chat_template())
+    writer.add_add_space_prefix(False)  # Gemma adds no leading space (convert_hf_to_gguf.py sets it so too)
+    writer.add_chat_template(tokenizer.chat_template or turns.chat_template())
 
 
 def _write_general(writer, merged_dir: Path, parameters: int, file_type: int) -> None:
     """Name, size, licence and tags by gguf's own heuristics (model card, config, directory), as llama.cpp does,
     and the recipe's sampling, which llama.cpp takes as its defaults."""
-    gguf = _import_gguf()
+    gguf = import_gguf()
     metadata = gguf.Metadata.load(None, merged_dir, None, parameters)
     metadata.name = metadata.name or merged_dir.name
     # A base model the card names by a local path (a merge of a local base) is no reference for anyone else, and
@@ -468,7 +277,7 @@ def render_modelfile(gguf_name: str, turns: TurnFormat = GEMMA3_TURNS) -> str:
     )
 
 
-def _write_file(writer, plan: list[_PlannedTensor], path: Path) -> None:
+def _write_file(writer, plan: list[PlannedTensor], path: Path) -> None:
     try:
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
@@ -487,10 +296,12 @@ def export_gguf(
     quantization: Quantization = "auto",
     overwrite: bool = False,
 ) -> GGUFExport:
-    """Write the Gemma 3 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside it.
+    """Write the Gemma 3 or 4 checkpoint ``model`` as the GGUF file ``output_file``, and an Ollama Modelfile beside
+    it.
 
-    ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 checkpoint in
-    safetensors (for a multimodal one, its language model). ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"``
+    ``model`` is the directory of a :func:`~persian_qlora.merge_to_fp16` output or of any Gemma 3 or Gemma 4
+    checkpoint in safetensors (for a multimodal one, its language model; the towers are left out). A mixture-of-experts
+    Gemma 4 (26B-A4B) is refused. ``quantization``: ``"bf16"``, ``"f16"``, ``"q8_0"``
     (8-bit, about half the size), ``"q4_0"`` (4-bit, about a quarter; the tied embedding, which is also the output
     matrix, stays Q8_0), or ``"auto"``, the checkpoint's own 16-bit type. Norms stay F32. The k-quants
     ``"q4_k_m"``, ``"q5_k_m"`` and ``"q6_k"`` are written by llama.cpp's own quantizer from a temporary 16-bit file
@@ -499,7 +310,7 @@ def export_gguf(
     ``output_file`` with the suffix ``.Modelfile``. Both are written atomically after a free-space check; an
     existing file is refused unless ``overwrite=True``. Needs the ``gguf`` extra.
     """
-    gguf = _import_gguf()
+    gguf = import_gguf()
     from transformers import AutoConfig, AutoTokenizer
 
     if quantization != "auto" and quantization not in (*_QUANTIZATIONS, *_LLAMA_CPP_QUANTIZATIONS):
@@ -509,37 +320,51 @@ def export_gguf(
     if k_quant:
         _import_llama_cpp(k_quant)  # before any work
     merged_dir, output_file = Path(model), Path(output_file)
-    _check_is_gemma3_checkpoint(merged_dir)
+    architecture = _architecture_of(merged_dir)
     whole_config = AutoConfig.from_pretrained(merged_dir)
     config = whole_config.get_text_config()
-    _check_llama_cpp_runs_it_as_is(config)
+    family = FAMILIES[whole_config.model_type]
+    experts = family.expert_parameters(whole_config)
+    if experts:
+        raise PersianQLoRAError(
+            f"{merged_dir} is a mixture-of-experts {family.model_type} (the 26B-A4B's structure, {experts:,} expert "
+            "parameters), which GGUF export does not write: persian-qlora does not fine-tune it (bitsandbytes does "
+            "not quantise its 3-D expert weights and LoRA cannot adapt them) and has not checked its experts in "
+            "llama.cpp, so a file could run as a different model. Convert the original checkpoint with llama.cpp's "
+            "convert_hf_to_gguf.py, or fine-tune and export a dense Gemma 4 (E2B, E4B, 31B)"
+        )
+    problems = architecture.problems(config)
+    if problems:
+        raise PersianQLoRAError(
+            "llama.cpp would run this checkpoint as a different model, so it is not exported: " + "; ".join(problems)
+        )
     modelfile = output_file.with_suffix(".Modelfile")
     for path in (output_file, modelfile):
         if path.exists() and not overwrite:
             raise PersianQLoRAError(f"{path} already exists; choose another output file or pass overwrite=True")
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    vocabulary = _sentencepiece_vocabulary(tokenizer)
+    vocabulary = architecture.vocabulary(tokenizer)
     stored = read_checkpoint(merged_dir)
-    family = FAMILIES[whole_config.model_type]
     tied = bool(getattr(whole_config, "tie_word_embeddings", True) and config.tie_word_embeddings)
     if quantization == "auto" or k_quant:  # the checkpoint's own 16-bit type, as llama.cpp's --outtype auto
         embedding = next(t for name, t in stored.items() if text_name(family, name) == "model.embed_tokens.weight")
         quantization = "f16" if embedding.dtype == torch.float16 else "bf16"  # fp32 -> bf16, as llama.cpp's too
     weight_type, file_type = _QUANTIZATIONS[quantization]
-    plan = _plan_tensors(stored, family, config, tied, len(vocabulary.tokens), gguf.GGMLQuantizationType[weight_type])
+    weights = gguf.GGMLQuantizationType[weight_type]
+    plan = plan_tensors(architecture, stored, family, config, tied, len(vocabulary.tokens), weights)
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3])
+    writer = gguf.GGUFWriter(None, architecture.name)
     parameters = sum(math.prod(p.shape) for p in plan)
     _write_general(writer, merged_dir, parameters, gguf.LlamaFileType[file_type])
-    _write_architecture(writer, config)
-    _write_tokenizer(writer, tokenizer, vocabulary)
+    architecture.write_keys(writer, config)
+    _write_tokenizer(writer, tokenizer, vocabulary, family.turns)
     for planned in plan:  # the shape as given: the raw type says how it is stored
-        writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned), planned.type)
+        writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), nbytes(planned), planned.type)
 
     output_file.parent.mkdir(parents=True, exist_ok=True)
     # A k-quant needs the 16-bit file and, beside it, the smaller quantized one.
-    needed = sum(_nbytes(p) for p in plan) * (2 if k_quant else 1) + 64 * 2**20
+    needed = sum(nbytes(p) for p in plan) * (2 if k_quant else 1) + 64 * 2**20
     require_free_space(output_file.parent, needed, "the GGUF file")
     with staged_file(output_file) as temporary:
         if k_quant is None:
@@ -552,7 +377,7 @@ def export_gguf(
             finally:
                 sixteen_bit.unlink(missing_ok=True)
             quantization = k_quant
-    atomic_write_text(modelfile, render_modelfile(output_file.name))
+    atomic_write_text(modelfile, render_modelfile(output_file.name, family.turns))
     logger.info("wrote %s (%s, %d tensors) and %s", output_file, quantization, len(plan), modelfile.name)
     return GGUFExport(output_file, modelfile, quantization, len(plan), parameters)
 

@@ -102,6 +102,22 @@ GEMMA3_TURNS = TurnFormat(
     ),
     ollama_template=_OLLAMA_GEMMA3_TEMPLATE,
 )
+# Gemma 4's chat template (data/gemma4_chat_template.jinja) in Ollama's Go-template syntax, for plain chat with
+# thinking off and no tools: every message is its own turn (the system one too); an unfinished last model turn is
+# left open.
+_OLLAMA_GEMMA4_TEMPLATE = """{{- range $i, $m := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq $m.Role "system" }}<|turn>system
+{{ $m.Content }}<turn|>
+{{ else if eq $m.Role "user" }}<|turn>user
+{{ $m.Content }}<turn|>
+{{ if $last }}<|turn>model
+{{ end }}
+{{- else if eq $m.Role "assistant" }}<|turn>model
+{{ $m.Content }}{{ if not $last }}<turn|>
+{{ end }}
+{{- end }}
+{{- end }}"""
 # Gemma 4: a native system turn, a thinking channel switched on by <|think|>, tool calls. The template is TRL 1.16's
 # gemma4_v5.jinja, the newest revision google/gemma-4-E2B-it ships (commit 8995379); with thinking off it writes no
 # <|channel> block for a plain reply.
@@ -128,6 +144,7 @@ GEMMA4_TURNS = TurnFormat(
         '<|"|>',
     ),
     media=("<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>", "<|video|>"),
+    ollama_template=_OLLAMA_GEMMA4_TEMPLATE,
 )
 TURN_FORMATS: dict[str, TurnFormat] = {turns.name: turns for turns in (GEMMA3_TURNS, GEMMA4_TURNS)}
 
@@ -159,7 +176,8 @@ class GemmaFamily:
     # does not quantise and LoRA cannot adapt: a 4-bit load would be silently half-quantised, so it is refused.
     experts: tuple[str, ...] = ()
     # llama.cpp's name for the language model, for GGUF export; None where the export is not offered (Gemma 3n:
-    # transformers cannot read a gemma3n GGUF back, so an export could not be checked; docs/export.md)
+    # transformers cannot read a gemma3n GGUF back, so an export could not be checked; docs/export.md). Gemma 4's
+    # mixture of experts is refused by the export's own checks.
     gguf_architecture: str | None = None
 
     @property
@@ -240,6 +258,7 @@ FAMILIES: dict[str, GemmaFamily] = {
             per_layer_embeddings=("embed_tokens_per_layer",),
             turns=GEMMA4_TURNS,
             experts=("experts",),
+            gguf_architecture="gemma4",
         ),
         GemmaFamily(
             model_type="gemma4",
@@ -250,6 +269,7 @@ FAMILIES: dict[str, GemmaFamily] = {
             per_layer_embeddings=("embed_tokens_per_layer",),
             turns=GEMMA4_TURNS,
             experts=("experts",),
+            gguf_architecture="gemma4",
         ),
     )
 }
