@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_export import (
+    LLAMA_REASON,
     PERSIAN_TEXTS,
     PROBE_TEXTS,
     _fields,
@@ -339,3 +340,22 @@ def test_llama_cpp_runs_the_other_structure_as_transformers(other_structure, tmp
 @pytest.mark.llama
 def test_llama_cpp_ends_a_greedy_reply_on_the_turn_end_where_transformers_does(checkpoint, tmp_path):
     assert_llama_cpp_ends_the_turn_where_transformers_does(*make_the_turn_end_win(checkpoint, tmp_path))
+
+
+# Measured (AMD EPYC, 2 shared cores): q4_k_m 0.34, q6_k 0.066 of the largest |logit| (0.84); the tiny model's short
+# rows hold mostly llama.cpp's 32-block fallback types (docs/export.md, the k-quants).
+K_QUANT_LOGIT_SHARE = {"q4_k_m": 0.5, "q6_k": 0.15}
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("quantization", list(K_QUANT_LOGIT_SHARE))
+def test_llama_cpp_runs_a_k_quant_of_gemma4_with_the_checkpoints_logits(quantization, checkpoint, tmp_path):
+    """Written by llama.cpp's own quantizer from the 16-bit export (the llama extra)."""
+    pytest.importorskip("llama_cpp", reason=LLAMA_REASON)
+    result = export_gguf(checkpoint, tmp_path / f"g4.{quantization}.gguf", quantization=quantization)
+    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(result.path)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:8]
+    largest, error = _largest_error(llm, model, tokenizer, conversations)
+    print(f"{quantization}: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
+    assert error <= K_QUANT_LOGIT_SHARE[quantization] * largest
