@@ -10,9 +10,11 @@ quantizer: the llama extra), then loaded in llama.cpp (llama-cpp-python) with it
               from llama.cpp's logits with every earlier token of the conversation as context; prompt tokens/s is
               that pass's speed (every position projected onto the 262,144-token vocabulary);
   generation  greedy decoding of --new-tokens tokens after the first test prompt, <end_of_turn> and <eos>
-              suppressed so that every run decodes as many, one token per step; the median of --repeats runs.
+              suppressed so that every run decodes as many, one token per step; the median of --repeats rounds,
+              each round running every type once, so that a shared machine's changing load falls on all alike.
 
     nice python benchmarks/gguf_types.py --workdir /tmp/gguf-types > gguf_types.txt
+    nice python benchmarks/gguf_types.py --workdir /tmp/gguf-types --reuse --speed-only --repeats 5
 
 The files go under --workdir (about 1.6 GB for all seven). `--plain-kernels` loads with llama.cpp's plain CPU kernels
 (no extra buffer types), as the tests do because llama-cpp-python 0.3.36's Intel AMX kernel crashes on Q8_0 files.
@@ -48,6 +50,8 @@ parser.add_argument("--threads", type=int, default=os.cpu_count())
 parser.add_argument("--new-tokens", type=int, default=64)
 parser.add_argument("--repeats", type=int, default=3)
 parser.add_argument("--conversations", type=int, default=49, help="the first N test conversations for perplexity")
+parser.add_argument("--reuse", action="store_true", help="keep the files already in --workdir (no export)")
+parser.add_argument("--speed-only", action="store_true", help="no perplexity: generation speed alone")
 parser.add_argument("--plain-kernels", action="store_true", help="llama.cpp's plain CPU kernels (no AMX, no repack)")
 args = parser.parse_args()
 
@@ -99,25 +103,20 @@ def reply_perplexity(path: Path, dataset) -> tuple[float, float]:
     return math.exp(nll / scored), evaluated / seconds
 
 
-def generation_speed(path: Path, prompt: list[int], never: list[int]) -> float:
-    """Decoded tokens/s of greedy generation (the median of --repeats runs), the prompt's processing excluded."""
-    llm = load(path, n_ctx=len(prompt) + args.new_tokens + 8)
+def decode_speed(llm: llama_cpp.Llama, prompt: list[int], never: list[int]) -> float:
+    """Decoded tokens/s of one greedy generation, the prompt's processing excluded."""
 
     def suppress(input_ids, scores):
         scores[never] = -np.inf
         return scores
 
-    speeds = []
-    for _ in range(args.repeats):
-        llm.reset()
-        stamps = []
-        for _token in llm.generate(prompt, top_k=1, temp=0.0, logits_processor=[suppress]):
-            stamps.append(time.perf_counter())  # the first after the prompt's pass and one decoding step
-            if len(stamps) == args.new_tokens + 1:
-                break
-        speeds.append(args.new_tokens / (stamps[-1] - stamps[0]))
-    llm.close()
-    return statistics.median(speeds)
+    llm.reset()
+    stamps = []
+    for _token in llm.generate(prompt, top_k=1, temp=0.0, logits_processor=[suppress]):
+        stamps.append(time.perf_counter())  # the first after the prompt's pass and one decoding step
+        if len(stamps) == args.new_tokens + 1:
+            break
+    return args.new_tokens / (stamps[-1] - stamps[0])
 
 
 model = prepare_base("gemma3-270m")
@@ -135,34 +134,41 @@ print(
     f"{args.new_tokens} new tokens x {args.repeats}\n",
     flush=True,
 )
-rows = []
+rows = {}
 for quantization in args.types:
+    path = args.workdir / f"gemma3-270m.{quantization}.gguf"
     start = time.perf_counter()
-    result = export_gguf(
-        model, args.workdir / f"gemma3-270m.{quantization}.gguf", quantization=quantization, overwrite=True
-    )
+    if not (args.reuse and path.is_file()):
+        export_gguf(model, path, quantization=quantization, overwrite=True)
     exported = time.perf_counter() - start
     held = Counter()
-    for tensor in gguf.GGUFReader(result.path).tensors:
+    for tensor in gguf.GGUFReader(path).tensors:
         if len(tensor.shape) > 1:  # the norms are F32 in every file
             held[tensor.tensor_type.name] += int(tensor.n_elements)
     total = sum(held.values())
     holds = ", ".join(f"{kind} {count / total:.1%}" for kind, count in held.most_common())
-    ppl, prompt_speed = reply_perplexity(result.path, scored_conversations)
-    speed = generation_speed(result.path, prompt, never)
-    size = result.path.stat().st_size
-    rows.append((quantization, size, holds, ppl, prompt_speed, speed))
+    ppl, prompt_speed = (math.nan, math.nan) if args.speed_only else reply_perplexity(path, scored_conversations)
+    rows[quantization] = [path.stat().st_size, holds, ppl, prompt_speed]
     print(
-        f"{quantization}: {size:,} bytes, export {exported:.1f} s; holds {holds}; perplexity {ppl:.4f}; "
-        f"prompt {prompt_speed:.0f} tokens/s; generation {speed:.1f} tokens/s; load {os.getloadavg()[0]:.1f}",
+        f"{quantization}: {path.stat().st_size:,} bytes, export {exported:.1f} s; holds {holds}; perplexity "
+        f"{ppl:.4f}; prompt {prompt_speed:.0f} tokens/s; load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
 
+# Generation in rounds, each type once per round, so that the machine's changing load falls on every type alike.
+models = {q: load(args.workdir / f"gemma3-270m.{q}.gguf", n_ctx=len(prompt) + args.new_tokens + 8) for q in rows}
+speeds = {q: [] for q in rows}
+for round_ in range(args.repeats):
+    for quantization, llm in models.items():
+        speeds[quantization].append(decode_speed(llm, prompt, never))
+    print(f"round {round_ + 1}: " + ", ".join(f"{q} {v[-1]:.1f}" for q, v in speeds.items()), flush=True)
+
 print(
     "\n| type | file (MiB) | weight matrices held as (share of their weights) | perplexity, Persian replies "
-    "| prompt tokens/s | generation tokens/s |"
+    "| prompt tokens/s | generation tokens/s (median) |"
 )
 print("|---|---|---|---|---|---|")
-for quantization, size, holds, ppl, prompt_speed, speed in rows:
+for quantization, (size, holds, ppl, prompt_speed) in rows.items():
+    speed = statistics.median(speeds[quantization])
     print(f"| {quantization} | {size / 2**20:.1f} | {holds} | {ppl:.3f} | {prompt_speed:.0f} | {speed:.1f} |")
 print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")

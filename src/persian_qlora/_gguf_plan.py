@@ -85,7 +85,8 @@ class Vocabulary:
     pre: str | None = "default"
     merges: list[str] = field(default_factory=list)
     adds_bos: bool | None = None
-    special: tuple[str, ...] = ("bos", "eos", "unk", "pad", "mask")  # the ids convert_hf_to_gguf.py writes
+    # the tokenizer's ids written, as the converter's SpecialVocab writes them (mask too: tokenizer.ggml.mask_token_id)
+    special: tuple[str, ...] = ("bos", "eos", "unk", "pad", "mask")
 
 
 @dataclass(frozen=True)
