@@ -37,6 +37,7 @@ import torch
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
 from persian_qlora._gguf_gemma3 import GEMMA3
+from persian_qlora._gguf_gemma3n import GEMMA3N
 from persian_qlora._gguf_plan import Architecture, PlannedTensor, Vocabulary, import_gguf, nbytes, plan_tensors
 from persian_qlora._merge_plan import text_name
 from persian_qlora._shards import INDEX_FILE, SINGLE_FILE, StoredTensor, read_checkpoint, read_tensor
@@ -62,7 +63,7 @@ _LLAMA_CPP_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q6_k")
 
 _CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
 # One entry per llama.cpp architecture, keyed by the family table's gguf_architecture.
-_ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3}
+_ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3, "gemma3n": GEMMA3N}
 
 
 @dataclass(frozen=True)
@@ -137,15 +138,14 @@ def _architecture_of(merged_dir: Path) -> Architecture:
     family = FAMILIES.get(model_type)
     if family is None:
         raise PersianQLoRAError(
-            f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 (model_type gemma3_text or "
-            "gemma3) only"
+            f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 and Gemma 3n (model_type "
+            "gemma3_text, gemma3, gemma3n_text or gemma3n) only"
         )
     if family.gguf_architecture is None:
         raise PersianQLoRAError(
-            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 only: not Gemma 3n, because "
-            "transformers cannot read a gemma3n GGUF back to check the file, and not yet Gemma 4, whose export has "
-            "not been checked in llama.cpp (see docs/export.md). Use the merged checkpoint with transformers, or "
-            "convert it with llama.cpp's convert_hf_to_gguf.py"
+            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 and Gemma 3n only, not yet "
+            "Gemma 4, whose export has not been checked in llama.cpp (see docs/export.md). Use the merged checkpoint "
+            "with transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
         )
     return _ARCHITECTURES[family.gguf_architecture]
 
