@@ -1,4 +1,4 @@
-"""`export_gguf`: a merged Gemma 3 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
+"""`export_gguf`: a merged Gemma 3 or 3n as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
 
 The file is written with the ``gguf`` package (the llama.cpp project's own Python writer): its ``GEMMA3``
 architecture, its tensor-name map, its metadata heuristics and its numpy Q8_0 and Q4_0 quantisation. The export
@@ -16,9 +16,10 @@ read an official conversion:
 llama.cpp fixes some of Gemma 3's shape instead of reading it (every 6th layer global, local RoPE base 10000, query
 scale 1/sqrt(head_dim)); a checkpoint that differs is refused rather than written into a file that would run a
 different model. What is particular to an architecture (its keys, what llama.cpp would run differently, how its
-tensors are named and stored, its vocabulary) is one entry per llama.cpp architecture (``_gguf_gemma3.GEMMA3``),
-keyed by the family table's ``gguf_architecture``. Gemma 3n is refused: transformers cannot read a ``gemma3n``
-GGUF back, so the export could not be checked (see docs/export.md).
+tensors are named and stored, its vocabulary) is one entry per llama.cpp architecture (``_gguf_gemma3.GEMMA3``,
+``_gguf_gemma3n.GEMMA3N``), keyed by the family table's ``gguf_architecture``. Gemma 3n's language model is written
+as llama.cpp's ``gemma3n`` (towers left out; checked in llama.cpp itself, as transformers cannot read a ``gemma3n``
+GGUF back); llama.cpp fixes E2B/E4B's structure, and a 3n that differs is refused naming the part (docs/export.md).
 """
 
 from __future__ import annotations
