@@ -23,7 +23,7 @@ from persian_qlora.cli import main
 from persian_qlora.export import export_gguf
 from persian_qlora.families import TURN_FORMATS, turn_format_of
 from persian_qlora.merging import render_model_card
-from persian_qlora.testing import build_tiny_gemma, build_tiny_tokenizer, complete_merges
+from persian_qlora.testing import build_tiny_gemma, build_tiny_gemma3n_e4b, build_tiny_tokenizer, complete_merges
 
 gguf = pytest.importorskip("gguf")
 
@@ -286,14 +286,12 @@ def test_a_lora_adapter_is_refused_with_merge_first(tiny_gemma3_path, tmp_path):
         export_gguf(tmp_path / "adapter", tmp_path / "x.gguf")
 
 
-def test_gemma3n_and_other_architectures_are_refused(tiny_gemma3n_path, tmp_path):
-    with pytest.raises(PersianQLoRAError, match="not Gemma 3n.* transformers cannot read a gemma3n GGUF back"):
-        export_gguf(tiny_gemma3n_path, tmp_path / "x.gguf")
+def test_other_architectures_are_refused(tiny_gemma3n_path, tmp_path):
     other = tmp_path / "llama"
     shutil.copytree(tiny_gemma3n_path, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(PersianQLoRAError, match="'llama' checkpoint; GGUF export writes Gemma 3"):
+    with pytest.raises(PersianQLoRAError, match="'llama' checkpoint; GGUF export writes Gemma 3, Gemma 3n and Gemma 4"):
         export_gguf(other, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("x.*"))
 
@@ -469,9 +467,10 @@ def _llama_logits(llm, ids):
     return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
 
-@pytest.mark.llama
-def test_llama_cpp_splits_persian_text_into_the_checkpoints_ids(checkpoint, exported):
-    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(exported["bf16"].path)
+def _assert_llama_cpp_splits_as_the_tokenizer(tokenizer, path):
+    """Persian probes (ZWNJ, Arabic letters, digits, emoji, newlines) and a rendered system prompt give the
+    tokenizer's ids in llama.cpp, with and without the tokenizer's own specials."""
+    llm = _llama(path)
     conversation = [{"role": "system", "content": "کوتاه پاسخ بده."}, {"role": "user", "content": PERSIAN_TEXTS[0]}]
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     for text in [*PROBE_TEXTS, rendered]:
@@ -479,6 +478,11 @@ def test_llama_cpp_splits_persian_text_into_the_checkpoints_ids(checkpoint, expo
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
         # With the tokenizer's own specials: a <bos> exactly where the checkpoint's tokenizer adds one.
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
+
+
+@pytest.mark.llama
+def test_llama_cpp_splits_persian_text_into_the_checkpoints_ids(checkpoint, exported):
+    _assert_llama_cpp_splits_as_the_tokenizer(AutoTokenizer.from_pretrained(checkpoint), exported["bf16"].path)
 
 
 @pytest.fixture(scope="module")
@@ -493,7 +497,14 @@ def k_quant_exported(checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("quantization", list(LLAMA_LOGIT_SHARE))
 def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, exported, conversations, request):
     files = request.getfixturevalue("k_quant_exported") if quantization in K_QUANTS else exported
-    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(files[quantization].path)
+    largest, error = _llama_cpp_logit_error(checkpoint, files[quantization].path, conversations)
+    assert error <= LLAMA_LOGIT_SHARE[quantization] * largest
+
+
+def _llama_cpp_logit_error(checkpoint, path, conversations):
+    """The largest |logit| of the checkpoint (transformers, fp32) over the conversations, and llama.cpp's largest
+    error on the file."""
+    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(path)
     original = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     largest, error = 0.0, 0.0
     for conversation in conversations:
@@ -502,8 +513,8 @@ def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, export
             expected = original(input_ids=ids).logits[0]
         got = _llama_logits(llm, ids[0].tolist())
         largest, error = max(largest, float(expected.abs().max())), max(error, float((expected - got).abs().max()))
-    print(f"{quantization}: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
-    assert error <= LLAMA_LOGIT_SHARE[quantization] * largest
+    print(f"{path.name}: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
+    return largest, error
 
 
 @pytest.mark.llama
@@ -580,16 +591,22 @@ def test_cli_export_gguf_writes_a_k_quant(checkpoint, tmp_path, capsys):
 PROBE_TURN = [{"role": "user", "content": "سلام! حالت چطور است؟"}]
 
 
-def make_the_turn_end_win(checkpoint, directory):
+def _chat_prompt(tokenizer) -> list[int]:
+    return tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def make_the_turn_end_win(checkpoint, directory, prompt: list[int] | None = None):
     """``checkpoint`` (tied embedding) with its turn-end row (``<end_of_turn>``, Gemma 4's ``<turn|>``) made to win
     a greedy step after the first few, so that greedy replies end their turn after a few tokens, as a fine-tuned
     model's do; saved in bf16 to ``directory`` and exported there. The row is orthogonal to the LM head's inputs at
     the earlier steps and long enough to beat every other logit at the chosen one; stored in bf16 it can win a step
     early, so the first chosen step (4th, 5th...) whose bf16 row ends the reply after the third token is kept. The
-    row changes nothing before it wins: the turn end is never an input there."""
+    row changes nothing before it wins where the turn end is not an input; where ``prompt`` (ids; by default the chat
+    prompt of PROBE_TURN) holds one, the reply found is checked anyway."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    ids = tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = _chat_prompt(tokenizer) if prompt is None else prompt
+    ids = {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
     head, end_of_turn = (
         model.get_output_embeddings(),
         tokenizer.convert_tokens_to_ids(turn_format_of(tokenizer).end_of_turn),
@@ -600,7 +617,7 @@ def make_the_turn_end_win(checkpoint, directory):
         hook = head.register_forward_hook(lambda module, args, out: captured.update(inputs=args[0][0]))
         model(input_ids=greedy)  # the head's inputs at every position
         hook.remove()
-        start = ids["input_ids"].shape[1] - 1  # where the first new token is chosen
+        start = len(prompt) - 1  # where the first new token is chosen
         for step in range(4, 10):
             earlier, chosen = captured["inputs"][start : start + step - 1], captured["inputs"][start + step - 1]
             basis, _ = torch.linalg.qr(earlier.T)
@@ -610,15 +627,16 @@ def make_the_turn_end_win(checkpoint, directory):
             reply = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn)[0, start + 1 :]
             if reply[-1] == end_of_turn and len(reply) > 3:
                 break
+    directory.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return export_gguf(directory, directory / "ends-turns.bf16.gguf"), directory
 
 
-def assert_llama_cpp_ends_the_turn_where_transformers_does(result, directory):
+def assert_llama_cpp_ends_the_turn_where_transformers_does(result, directory, prompt: list[int] | None = None):
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    prompt = tokenizer.apply_chat_template(PROBE_TURN, add_generation_prompt=True, return_dict=True)["input_ids"]
+    prompt = _chat_prompt(tokenizer) if prompt is None else prompt
     end_of_turn = tokenizer.convert_tokens_to_ids(turn_format_of(tokenizer).end_of_turn)
     with torch.no_grad():
         new = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn)
@@ -997,3 +1015,228 @@ def test_the_real_gemma3_270m_exports_as_llama_cpps_own_converter_writes_it(gemm
     for text in [*PROBE_TEXTS, rendered]:
         ids = [v.tokenize(text.encode(), add_bos=False, special=True) for v in vocabularies]
         assert ids[0] == ids[1] == tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+# Gemma 3n: a tiny checkpoint with E4B's layer structure (35 layers, KV sharing from layer 20, sparsity in the first
+# 10, AltUp, LAuReL, per-layer inputs of width 256), which llama.cpp fixes rather than reads.
+# Bounds on llama.cpp's error as a share of the largest |logit| over the 8 test conversations. Measured on the tiny
+# E4B (largest |logit| 0.90): bf16 2.6e-3 (llama.cpp rounds activations to bf16 for bf16 weights), f16 4.0e-4,
+# q8_0 1.3e-2 (8-bit weights and activations), q4_0 0.12 (4 bits of a random model's structureless weights). Part of
+# the error at every type is llama.cpp's activation sparsity: it takes the gate's standard deviation over n - 1
+# (gemma3n.cpp, gaussian_topk), transformers over n, which moves the cut-off by 0.05 % of a standard deviation at
+# this feed-forward width of 1024 (0.003 % at E4B's 16,384).
+GEMMA3N_LLAMA_LOGIT_SHARE = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 0.05, "q4_0": 0.3}
+
+
+@pytest.fixture(scope="module")
+def e4b(tmp_path_factory):
+    return build_tiny_gemma3n_e4b(tmp_path_factory.mktemp("gemma3n-e4b"))
+
+
+@pytest.fixture(scope="module")
+def e4b_exported(e4b, tmp_path_factory):
+    """Exported once per quantisation, 7 rows of the per-layer table at a time (a block straddles its last stored
+    row, 479, and the rows past it that repeat row 0)."""
+    directory = tmp_path_factory.mktemp("gguf-3n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_module, "_CHUNK_ELEMENTS", 7 * 35 * 256)
+        return {q: export_gguf(e4b, directory / f"e4b.{q}.gguf", quantization=q) for q in GEMMA3N_LLAMA_LOGIT_SHARE}
+
+
+@pytest.fixture(scope="module")
+def e4b_conversations(e4b):
+    return PersianChatDataset.bundled(AutoTokenizer.from_pretrained(e4b), split="test").conversations[:8]
+
+
+def _gguf_tensors(path):
+    """name -> (GGML type, the values as a torch tensor in the checkpoint's shape), for F32, F16 and BF16 tensors."""
+    out = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        kind, data = tensor.tensor_type, np.asarray(tensor.data)
+        shape = tuple(reversed([int(n) for n in tensor.shape]))
+        if kind == gguf.GGMLQuantizationType.BF16:
+            values = torch.from_numpy(data.copy()).view(torch.bfloat16).reshape(shape).float()
+        elif kind in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            values = torch.from_numpy(data.astype(np.float32)).reshape(shape)
+        else:
+            values = None
+        out[tensor.name] = (kind, values)
+    return out
+
+
+def test_a_gemma3n_file_holds_what_llama_cpp_reads(e4b, e4b_exported):
+    """The keys llama.cpp's Gemma 3n reads, the norms as stored (not 1 + w), the stacked AltUp projections, the
+    per-layer table a row per token (row 0 for the tokens past it, as transformers reads them), and zero k/v in the
+    KV-shared layers, which transformers does not save but llama.cpp requires."""
+    from safetensors.torch import load_file
+
+    config = AutoModelForCausalLM.from_pretrained(e4b).config
+    stored = {name: weight.float() for name, weight in load_file(e4b / "model.safetensors").items()}
+    fields = _fields(e4b_exported["bf16"].path)
+    assert fields["general.architecture"] == "gemma3n"
+    assert fields["gemma3n.block_count"] == 35 and fields["gemma3n.attention.shared_kv_layers"] == 15
+    assert fields["gemma3n.embedding_length_per_layer_input"] == 256
+    assert fields["gemma3n.altup.num_inputs"] == 4 and fields["gemma3n.altup.active_idx"] == 0
+    assert fields["gemma3n.attention.sliding_window_pattern"] == [t == "sliding_attention" for t in config.layer_types]
+    assert fields["gemma3n.activation_sparsity_scale"][:10] == pytest.approx([1.6448536] * 10)
+    assert fields["gemma3n.final_logit_softcapping"] == 30.0 and fields["gemma3n.rope.freq_base_swa"] == 10_000.0
+    assert fields["tokenizer.ggml.eot_token_id"] == AutoTokenizer.from_pretrained(e4b).convert_tokens_to_ids(
+        "<end_of_turn>"
+    )
+
+    tensors = _gguf_tensors(e4b_exported["bf16"].path)
+    assert not any(name.startswith(("v.", "a.", "mm.")) for name in tensors)
+    table, tokens = tensors["per_layer_token_embd.weight"][1], len(AutoTokenizer.from_pretrained(e4b))
+    stored_table = stored["model.embed_tokens_per_layer.weight"]
+    assert table.shape == (tokens, 35 * 256) and stored_table.shape[0] == tokens - 32
+    assert torch.equal(table[: tokens - 32], stored_table) and stored_table[0].abs().sum() > 0
+    assert torch.equal(table[tokens - 32 :], stored_table[0].expand(32, -1))
+    norm_type, norm = tensors["blk.0.attn_norm.weight"]
+    assert norm_type == gguf.GGMLQuantizationType.F32
+    assert torch.equal(norm, stored["model.layers.0.input_layernorm.weight"])  # Gemma 3n multiplies by w
+    assert torch.equal(
+        tensors["altup_proj.weight"][1], torch.stack([stored[f"model.altup_projections.{i}.weight"] for i in range(3)])
+    )
+    assert torch.equal(
+        tensors["altup_unembd_proj.weight"][1],
+        torch.stack([stored[f"model.altup_unembed_projections.{i}.weight"] for i in range(3)]),
+    )
+    assert torch.equal(
+        tensors["blk.7.altup_correct_scale.weight"][1], stored["model.layers.7.altup.correct_output_scale"]
+    )
+    assert torch.equal(tensors["blk.19.attn_k.weight"][1], stored["model.layers.19.self_attn.k_proj.weight"])
+    for layer in range(20, 35):
+        assert f"model.layers.{layer}.self_attn.k_proj.weight" not in stored
+        assert not tensors[f"blk.{layer}.attn_k.weight"][1].any() and tensors[f"blk.{layer}.attn_k.weight"][
+            1
+        ].shape == (32, 64)
+        assert not tensors[f"blk.{layer}.attn_v.weight"][1].any() and tensors[f"blk.{layer}.attn_v.weight"][
+            1
+        ].shape == (32, 64)
+        assert not tensors[f"blk.{layer}.attn_k_norm.weight"][1].any()
+    assert len(tensors) == e4b_exported["bf16"].tensors
+
+    quantised = {t.name: t.tensor_type for t in gguf.GGUFReader(e4b_exported["q4_0"].path).tensors}
+    kind = gguf.GGMLQuantizationType
+    assert quantised["blk.0.ffn_down.weight"] == kind.Q4_0 and quantised["per_layer_token_embd.weight"] == kind.Q4_0
+    assert quantised["blk.0.altup_correct_coef.weight"] == quantised["blk.0.altup_predict_coef.weight"] == kind.F32
+
+
+def _hub_multimodal(text_checkpoint, directory):
+    """``text_checkpoint`` as the language model of a whole Gemma 3n in google/gemma-3n-E4B-it's layout: a
+    Gemma3nConfig, ``model.language_model.*`` names, no lm_head (tied), tower tensors beside it, two shards and an
+    index. The towers' tensors are stand-ins (the tiny kit's real towers need timm): the export never reads them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3nConfig, Gemma3nTextConfig
+
+    text = load_file(text_checkpoint / "model.safetensors")
+    language = {
+        name.replace("model.", "model.language_model.", 1): w for name, w in text.items() if name != "lm_head.weight"
+    }
+    towers = {
+        "model.vision_tower.timm_model.conv_stem.conv.weight": torch.randn(8, 3, 3, 3),
+        "model.audio_tower.subsample_conv_projection.conv_0.conv.weight": torch.randn(16, 1, 3, 3),
+        "model.embed_vision.embedding.weight": torch.randn(128, 64),
+        "model.embed_audio.embedding.weight": torch.randn(128, 64),
+    }
+    directory.mkdir()
+    index = {}
+    for shard, part in (("model-00001-of-00002.safetensors", language), ("model-00002-of-00002.safetensors", towers)):
+        save_file(part, directory / shard, metadata={"format": "pt"})
+        index.update(dict.fromkeys(part, shard))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config = Gemma3nConfig(text_config=Gemma3nTextConfig.from_pretrained(text_checkpoint).to_dict())
+    config.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (text_checkpoint / name).is_file():
+            shutil.copy(text_checkpoint / name, directory / name)
+    return directory
+
+
+def test_a_whole_multimodal_gemma3n_exports_its_language_model(e4b, e4b_exported, tmp_path):
+    """The whole model's checkpoint, towers and all, gives the file of its language model alone, tensor for tensor."""
+    whole = _hub_multimodal(e4b, tmp_path / "gemma3n-e4b-it")
+    result = export_gguf(whole, tmp_path / "whole.gguf", quantization="bf16")
+    written = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(result.path).tensors}
+    text_only = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(e4b_exported["bf16"].path).tensors}
+    assert written == text_only
+    fields, text_fields = _fields(result.path), _fields(e4b_exported["bf16"].path)
+    assert {k: v for k, v in fields.items() if k.startswith("gemma3n.")} == {
+        k: v for k, v in text_fields.items() if k.startswith("gemma3n.")
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ({"final_logit_softcapping": 20.0}, r"final_logit_softcapping 20.0 \(llama.cpp uses 30.0\)"),
+        ({"laurel_rank": 32}, r"laurel_rank 32 \(llama.cpp uses 64\)"),
+        ({"num_kv_shared_layers": 10}, r"KV sharing from layer 25 .*llama.cpp shares from layer 20"),
+        ({"swap": (18, 19)}, r"KV-shared layer 20 reads layer 19's keys and values; llama.cpp reads layer 18's"),
+        ({"sparse": 0.9}, r"activation_sparsity_pattern .*top 5 % of the gate in the first 10 layers"),
+    ],
+)
+def test_a_gemma3n_llama_cpp_would_run_differently_is_refused_naming_the_part(e4b, tmp_path, edit, named):
+    changed = shutil.copytree(e4b, tmp_path / "changed")
+    config = json.loads((changed / "config.json").read_text())
+    if "swap" in edit:
+        first, second = edit.pop("swap")
+        types = config["layer_types"]
+        types[first], types[second] = types[second], types[first]
+    if "sparse" in edit:
+        config["activation_sparsity_pattern"][:10] = [edit.pop("sparse")] * 10
+    (changed / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(PersianQLoRAError, match="llama.cpp would run this checkpoint as a different model.*" + named):
+        export_gguf(changed, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_the_kits_default_gemma3n_is_refused_for_its_structure(tiny_gemma3n_path, tmp_path):
+    """Two layers, no KV sharing, two AltUp inputs: llama.cpp would run it as E2B/E4B's structure."""
+    with pytest.raises(PersianQLoRAError, match=r"KV sharing from layer 2 .*altup_num_inputs 2 \(llama.cpp uses 4\)"):
+        export_gguf(tiny_gemma3n_path, tmp_path / "x.gguf")
+
+
+@pytest.mark.llama
+def test_llama_cpp_splits_persian_text_into_the_gemma3n_checkpoints_ids(e4b, e4b_exported):
+    _assert_llama_cpp_splits_as_the_tokenizer(AutoTokenizer.from_pretrained(e4b), e4b_exported["bf16"].path)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("quantization", list(GEMMA3N_LLAMA_LOGIT_SHARE))
+def test_llama_cpp_gives_the_gemma3n_checkpoints_logits(quantization, e4b, e4b_exported, e4b_conversations):
+    largest, error = _llama_cpp_logit_error(e4b, e4b_exported[quantization].path, e4b_conversations)
+    assert error <= GEMMA3N_LLAMA_LOGIT_SHARE[quantization] * largest
+
+
+@pytest.mark.llama
+def test_llama_cpp_never_reads_the_kv_shared_layers_zero_k_v(e4b, e4b_exported, tmp_path, monkeypatch):
+    """The zeros written for the k/v projections and k norm that transformers does not save in the KV-shared layers:
+    random values there give llama.cpp's very same logits."""
+    import persian_qlora._gguf_gemma3n as gemma3n
+    from persian_qlora._gguf_plan import Generated
+
+    def random_instead(shape, dtype, why):
+        return Generated(shape, lambda rows: torch.randn((rows.stop - rows.start, *shape[1:])).to(dtype), why)
+
+    monkeypatch.setattr(gemma3n, "_zeros", random_instead)
+    random = export_gguf(e4b, tmp_path / "random-kv.gguf", quantization="bf16")
+    assert _gguf_tensors(random.path)["blk.20.attn_k.weight"][1].any()
+    ids = AutoTokenizer.from_pretrained(e4b)(PERSIAN_TEXTS[1])["input_ids"]
+    expected = _llama_logits(_llama(e4b_exported["bf16"].path), ids)
+    assert torch.equal(_llama_logits(_llama(random.path), ids), expected)
+
+
+@pytest.fixture(scope="module")
+def e4b_ends_turns(e4b, tmp_path_factory):
+    """As ends_turns, on a prompt without a closing <end_of_turn> (the tied row it changes would be an input)."""
+    return make_the_turn_end_win(e4b, tmp_path_factory.mktemp("e4b-ends-turns"), _open_turn(e4b))
+
+
+def _open_turn(checkpoint):
+    return AutoTokenizer.from_pretrained(checkpoint)("<start_of_turn>user\n" + PROBE_TURN[0]["content"])["input_ids"]
+
+
+@pytest.mark.llama
+def test_llama_cpp_ends_a_gemma3n_greedy_reply_on_end_of_turn_where_transformers_does(e4b, e4b_ends_turns):
+    assert_llama_cpp_ends_the_turn_where_transformers_does(*e4b_ends_turns, _open_turn(e4b))

@@ -139,7 +139,7 @@ def plan_tensors(
     if missing:
         raise PersianQLoRAError(f"the checkpoint has no {missing[:3]}; is this a whole {family.model_type} checkpoint?")
     sources = architecture.sources({name: by_text[name] for name in order}, config, vocabulary_size)
-    kept_f32 = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kept]] for kept in architecture.kept_f32}
+    kept_f32 = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kept]].removeprefix("blk.{bid}.") for kept in architecture.kept_f32}
     plan = []
     for hf_name, source in sources.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

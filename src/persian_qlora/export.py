@@ -1,4 +1,5 @@
-"""`export_gguf`: a merged Gemma 3 or 4 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
+"""`export_gguf`: a merged Gemma 3, 3n or 4 as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile
+beside it.
 
 The file is written with the ``gguf`` package (the llama.cpp project's own Python writer): its ``GEMMA3``
 architecture, its tensor-name map, its metadata heuristics and its numpy Q8_0 and Q4_0 quantisation. The export
@@ -17,9 +18,10 @@ llama.cpp fixes some of Gemma 3's shape instead of reading it (every 6th layer g
 scale 1/sqrt(head_dim)); a checkpoint that differs is refused rather than written into a file that would run a
 different model. What is particular to an architecture (its keys, what llama.cpp would run differently, how its
 tensors are named and stored, its vocabulary) is one entry per llama.cpp architecture, keyed by the family table's
-``gguf_architecture``: ``_gguf_gemma3.GEMMA3``, and ``_gguf_gemma4.GEMMA4`` (llama.cpp's ``gemma4``, which reads
-more of the model's structure from its keys and a BPE vocabulary with merges). Gemma 3n is refused: transformers
-cannot read a ``gemma3n`` GGUF back, so the export could not be checked (see docs/export.md).
+``gguf_architecture``: ``_gguf_gemma3.GEMMA3``; ``_gguf_gemma3n.GEMMA3N`` (Gemma 3n's language model, towers left
+out, checked in llama.cpp itself, as transformers cannot read a ``gemma3n`` GGUF back; llama.cpp fixes E2B/E4B's
+structure, and a 3n that differs is refused naming the part); and ``_gguf_gemma4.GEMMA4`` (llama.cpp's ``gemma4``,
+which reads more of the model's structure from its keys and a BPE vocabulary with merges). See docs/export.md.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from persian_qlora._deprecation import renamed_arguments
 from persian_qlora._files import atomic_write_text, require_free_space, staged_file
 from persian_qlora._gguf_gemma3 import GEMMA3
+from persian_qlora._gguf_gemma3n import GEMMA3N
 from persian_qlora._gguf_gemma4 import GEMMA4
 from persian_qlora._gguf_plan import Architecture, PlannedTensor, Vocabulary, import_gguf, nbytes, plan_tensors
 from persian_qlora._merge_plan import text_name
@@ -73,7 +76,7 @@ _LLAMA_CPP_QUANTIZATIONS = {
 
 _CHUNK_ELEMENTS = 2**22  # read and encode this many weights at a time (16 MiB in fp32), whatever the tensor's size
 # One entry per llama.cpp architecture, keyed by the family table's gguf_architecture.
-_ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3, "gemma4": GEMMA4}
+_ARCHITECTURES: dict[str, Architecture] = {"gemma3": GEMMA3, "gemma3n": GEMMA3N, "gemma4": GEMMA4}
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT)
 
 
@@ -197,14 +200,13 @@ def _architecture_of(merged_dir: Path) -> Architecture:
     family = FAMILIES.get(model_type)
     if family is None:
         raise PersianQLoRAError(
-            f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3 (model_type gemma3_text or "
-            "gemma3) and Gemma 4 (gemma4_text or gemma4) only"
+            f"{merged_dir} is a {model_type!r} checkpoint; GGUF export writes Gemma 3, Gemma 3n and Gemma 4 "
+            "(model_type gemma3_text, gemma3, gemma3n_text, gemma3n, gemma4_text or gemma4) only"
         )
     if family.gguf_architecture is None:
         raise PersianQLoRAError(
-            f"{merged_dir} is a {model_type} checkpoint; GGUF export covers Gemma 3 and Gemma 4: not Gemma 3n, "
-            "because transformers cannot read a gemma3n GGUF back to check the file (see docs/export.md). Use the "
-            "merged checkpoint with transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
+            f"{merged_dir} is a {model_type} checkpoint, which GGUF export does not write (see docs/export.md). Use "
+            "the merged checkpoint with transformers, or convert it with llama.cpp's convert_hf_to_gguf.py"
         )
     return _ARCHITECTURES[family.gguf_architecture]
 

@@ -175,9 +175,8 @@ class GemmaFamily:
     # Mixture-of-experts checkpoints keep their experts as 3-D parameters (Gemma4TextExperts), which bitsandbytes
     # does not quantise and LoRA cannot adapt: a 4-bit load would be silently half-quantised, so it is refused.
     experts: tuple[str, ...] = ()
-    # llama.cpp's name for the language model, for GGUF export; None where the export is not offered (Gemma 3n:
-    # transformers cannot read a gemma3n GGUF back, so an export could not be checked; docs/export.md). Gemma 4's
-    # mixture of experts is refused by the export's own checks.
+    # llama.cpp's name for the language model, for GGUF export (persian_qlora.export's entries); None where the
+    # export is not offered (docs/export.md). Gemma 4's mixture of experts is refused by the export's own checks.
     gguf_architecture: str | None = None
 
     @property
@@ -240,6 +239,7 @@ FAMILIES: dict[str, GemmaFamily] = {
             causal_lm_class="Gemma3nForCausalLM",
             full_precision=("lm_head", *_ALTUP),
             per_layer_embeddings=("embed_tokens_per_layer",),
+            gguf_architecture="gemma3n",
         ),
         GemmaFamily(
             model_type="gemma3n",
@@ -249,6 +249,7 @@ FAMILIES: dict[str, GemmaFamily] = {
             towers=("vision_tower", "audio_tower", "embed_vision", "embed_audio"),
             full_precision=("lm_head", *_ALTUP),
             per_layer_embeddings=("embed_tokens_per_layer",),
+            gguf_architecture="gemma3n",
         ),
         # Gemma 4: E2B/E4B carry per-layer embeddings (the entry is harmless where a checkpoint has none, as the 31B);
         # the 26B-A4B keeps mixture-of-experts weights under ``experts``. The hub's layout is Gemma 3n's.

@@ -27,6 +27,7 @@ __all__ = [
     "GEMMA_SPECIAL_TOKENS",
     "TinyArch",
     "build_tiny_gemma",
+    "build_tiny_gemma3n_e4b",
     "build_tiny_persian_lm",
     "build_hub_checkpoint",
     "build_tiny_tokenizer",
@@ -127,6 +128,68 @@ def _write_processor_configs(save_dir: Path, arch: str) -> None:
     preprocessor["processor_class"] = processor["processor_class"]
     for name, content in (("preprocessor_config.json", preprocessor), ("processor_config.json", processor)):
         (save_dir / name).write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# Gemma 3n's norms on a sub-layer's output, before it joins the residual stream.
+_POST_NORMS = (
+    "post_attention_layernorm.weight",
+    "post_feedforward_layernorm.weight",
+    "post_per_layer_input_norm.weight",
+    "post_laurel_norm.weight",
+)
+
+
+def build_tiny_gemma3n_e4b(save_dir: str | Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
+    """A tiny text Gemma 3n with E4B's layer structure, in bf16, whose tokenizer the GGUF export takes.
+
+    llama.cpp fixes Gemma 3n's structure rather than reading it (see ``persian_qlora._gguf_gemma3n``), so a tiny 3n
+    it runs as transformers does keeps E4B's: 35 layers whose ``layer_types`` are E4B's (every 5th global), KV
+    sharing from layer 20, activation sparsity in the first 10 layers, AltUp with 4 inputs, a LAuReL rank of 64 and
+    a per-layer width of 256. The widths are tiny (hidden 64, feed-forward 1024) and the vocabulary small: the
+    per-layer table is tokens x 35 x 256. Its last 32 tokens are past the per-layer table
+    (``vocab_size_per_layer_input``), as E4B's media tokens are, so they read its row 0, and row 0 (the padding
+    row, zero as initialised) is made random so that a wrong row there shows. AltUp's ``correct_output_scale``,
+    zero as initialised (so the per-layer inputs would change nothing), is set to ones. ``complete_merges`` is
+    applied.
+
+    Two initial weights make a random 35-layer 3n chaotic, its logits no stable function of its weights, so that no
+    file could be held to them (its own bf16 run differs from its fp32 run by more than its largest logit): Gemma 3n
+    attends without a query scale (its trained query norm carries it), so the query norms are set to
+    1/sqrt(head_dim), the scale Gemma 3 applies; and every sub-layer's output norm (after attention, feed-forward,
+    LAuReL and the per-layer input) is set to 0.1 instead of 1, so that a layer adds a small update to the residual
+    stream: 0.3 % noise on every weight then moves the logits by 0.5 % of the largest instead of 10 % (measured).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3nTextConfig
+
+    e4b = Gemma3nTextConfig()  # transformers' defaults are google/gemma-3n-E4B-it's language model
+    layout = {
+        "num_hidden_layers": e4b.num_hidden_layers,
+        "layer_types": e4b.layer_types,
+        "num_kv_shared_layers": e4b.num_kv_shared_layers,
+        "activation_sparsity_pattern": e4b.activation_sparsity_pattern,
+        "altup_num_inputs": e4b.altup_num_inputs,
+        "laurel_rank": e4b.laurel_rank,
+        "hidden_size_per_layer_input": e4b.hidden_size_per_layer_input,
+        "intermediate_size": 1024,
+        "vocab_size_per_layer_input": vocab_size - 32,
+    }
+    path = build_tiny_gemma(save_dir, "gemma3n", seed=seed, vocab_size=vocab_size, dtype=torch.bfloat16, **layout)
+    weights = load_file(path / "model.safetensors")
+    table = weights["model.embed_tokens_per_layer.weight"]
+    row = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(seed)) * table.float().std()
+    table[0] = row.to(table.dtype)
+    head_dim = json.loads((path / "config.json").read_text(encoding="utf-8"))["head_dim"]
+    for name, weight in weights.items():
+        if name.endswith("self_attn.q_norm.weight"):
+            weight.fill_(head_dim**-0.5)
+        elif name.endswith(_POST_NORMS):
+            weight.fill_(0.1)
+        elif name.endswith("altup.correct_output_scale"):
+            weight.fill_(1.0)  # zero as initialised, which cuts the per-layer inputs off from the model
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return complete_merges(path)
 
 
 def plant_turn_end_copies(model_dir: str | Path, rows: Sequence[int] = range(1500, 1600), *, seed: int = 0) -> Path:
