@@ -19,7 +19,7 @@ from test_export import (
     PROBE_TEXTS,
     _fields,
     _llama,
-    _llama_logits,
+    _llama_cpp_logit_error,
     assert_llama_cpp_ends_the_turn_where_transformers_does,
     make_the_turn_end_win,
 )
@@ -306,48 +306,28 @@ def test_llama_cpp_splits_persian_text_into_the_tokenizers_ids(checkpoint, expor
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == [tokenizer.bos_token_id, *expected], text
 
 
-def _largest_error(llm, model, tokenizer, conversations):
-    largest, error = 0.0, 0.0
-    for conversation in conversations:
-        ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            expected = model(input_ids=ids).logits[0]
-        got = _llama_logits(llm, ids[0].tolist())
-        largest, error = max(largest, float(expected.abs().max())), max(error, float((expected - got).abs().max()))
-    return largest, error
+def _logit_error(checkpoint, path):
+    """llama.cpp's largest logit error on the file against the checkpoint (transformers, fp32), and the largest
+    |logit|, over eight bundled test conversations."""
+    conversations = PersianChatDataset.bundled(AutoTokenizer.from_pretrained(checkpoint), split="test").conversations
+    return _llama_cpp_logit_error(checkpoint, path, conversations[:8])
 
 
 @pytest.mark.llama
 @pytest.mark.parametrize("quantization", list(LLAMA_LOGIT_SHARE))
 def test_llama_cpp_gives_the_checkpoints_logits(quantization, checkpoint, exported, request):
     files = request.getfixturevalue("k_quant_exported") if quantization in K_QUANTS else exported
-    tokenizer, llm = AutoTokenizer.from_pretrained(checkpoint), _llama(files[quantization].path)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:8]
-    largest, error = _largest_error(llm, model, tokenizer, conversations)
-    print(f"{quantization}: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
+    largest, error = _logit_error(checkpoint, files[quantization].path)
     assert error <= LLAMA_LOGIT_SHARE[quantization] * largest
 
 
 @pytest.mark.llama
-def test_llama_cpp_runs_a_multimodal_checkpoints_language_model_as_transformers(multimodal, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(multimodal)
-    llm = _llama(export_gguf(multimodal, tmp_path / "text.gguf").path)
-    model = AutoModelForCausalLM.from_pretrained(multimodal, dtype=torch.float32)  # Gemma4ForConditionalGeneration
-    conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:8]
-    largest, error = _largest_error(llm, model, tokenizer, conversations)
-    print(f"multimodal bf16: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
-    assert error <= LLAMA_LOGIT_SHARE["bf16"] * largest
-
-
-@pytest.mark.llama
-def test_llama_cpp_runs_the_other_structure_as_transformers(other_structure, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(other_structure)
-    llm = _llama(export_gguf(other_structure, tmp_path / "other.gguf").path)
-    model = AutoModelForCausalLM.from_pretrained(other_structure, dtype=torch.float32)
-    conversations = PersianChatDataset.bundled(tokenizer, split="test").conversations[:8]
-    largest, error = _largest_error(llm, model, tokenizer, conversations)
-    print(f"other structure bf16: largest |logit| {largest:.4f}, largest error {error:.2e} ({error / largest:.2e})")
+@pytest.mark.parametrize("model", ["multimodal", "other_structure"])
+def test_llama_cpp_runs_the_language_model_as_transformers(model, request, tmp_path):
+    """A whole multimodal checkpoint (Gemma4ForConditionalGeneration, towers left out) and the six-layer variant
+    (doubled MLP in the KV-shared layers, keys as values), at bf16."""
+    directory = request.getfixturevalue(model)
+    largest, error = _logit_error(directory, export_gguf(directory, tmp_path / f"{model}.gguf").path)
     assert error <= LLAMA_LOGIT_SHARE["bf16"] * largest
 
 
